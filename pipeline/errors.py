@@ -1,0 +1,40 @@
+"""One exception family for the project, so callers can catch what the pipeline raises on purpose.
+
+Messages say what happened and what was expected; stages turn them into a clean non-zero exit.
+"""
+
+
+class PipelineError(Exception):
+    """Base class of every error the pipeline raises deliberately."""
+
+
+class ConfigError(PipelineError):
+    """params.yaml is malformed: an unknown or missing key, a wrong type, a value out of range."""
+
+
+class DataError(PipelineError):
+    """A dataset is missing, unreadable, or not in the expected layout."""
+
+
+class CheckpointError(PipelineError):
+    """A model file is missing, corrupt, or was written by an incompatible version."""
+
+
+class ModelError(PipelineError):
+    """A model spec names an unknown architecture or impossible settings."""
+
+
+class ExportError(PipelineError):
+    """Exporting or simplifying a model failed."""
+
+
+class BuildError(PipelineError):
+    """Building a runtime artifact (ONNX Runtime optimised model, TensorRT engine) failed."""
+
+
+class ParityError(PipelineError):
+    """Two representations of one model disagree beyond the allowed tolerance."""
+
+
+class TargetUnavailable(PipelineError):
+    """A runtime target cannot run on this machine (missing package, device or host)."""

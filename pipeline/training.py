@@ -1,0 +1,233 @@
+"""The training engine shared by every stage that trains (teacher, student, PDD, fine-tune).
+
+`fit` runs an SGD schedule with a caller-supplied loss, evaluates after every epoch, saves a
+resume checkpoint after every epoch (atomically) and, when started again with the same
+fingerprint, continues from the last completed epoch. Batches are drawn from a per-epoch seed,
+so a resumed run follows the same trajectory as an uninterrupted one.
+"""
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from pipeline.checkpoint import atomic_save
+from pipeline.config import TrainConfig
+from pipeline.data import BatchLoader
+from pipeline.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+# loss_fn(model, images, labels) -> (loss, logits); lets KD and gate penalties plug in.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# on_epoch_end(epoch, model) -> extra numbers recorded in that epoch's history row.
+EpochHook = Callable[[int, nn.Module], dict[str, Any]]
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]  # one row per epoch: losses, accuracies, lr, hook outputs
+    train_seconds: float  # wall time spent in training epochs, summed over resumed runs
+    images_per_second: float  # training throughput over all epochs
+    amp: str  # autocast precision actually used ("off" on CPU)
+    resumed_from_epoch: int = 0  # epochs already done when this process started
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is an error, never a fallback."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("common.device is 'cuda' but no CUDA GPU is visible to torch")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        logits = model(images)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+def make_optimizer(param_groups: Iterable, cfg: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, epoch_progress: float) -> float:
+    """Multiplier of cfg.lr at a (fractional) epoch: linear warm-up, then multistep or cosine."""
+    if epoch_progress < cfg.warmup_epochs:
+        return 0.1 + 0.9 * epoch_progress / cfg.warmup_epochs
+    if cfg.schedule == "multistep":
+        passed = sum(1 for milestone in cfg.milestones if epoch_progress >= milestone)
+        return cfg.gamma**passed
+    span = cfg.epochs - cfg.warmup_epochs
+    return 0.5 * (1 + math.cos(math.pi * (epoch_progress - cfg.warmup_epochs) / span))
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """A per-step LambdaLR over the whole run (resumable through its state_dict)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step / steps_per_epoch))
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def effective_amp(device: torch.device, requested: str) -> str:
+    if requested != "off" and device.type != "cuda":
+        log.warning("amp=%s applies on CUDA only; training on %s in fp32", requested, device)
+        return "off"
+    return requested
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, amp: str = "off") -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy (fraction) over the loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        with _autocast(images.device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    model.train(was_training)
+    return {"loss": loss_sum / max(count, 1), "top1": correct / max(count, 1)}
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
+                    transient=True)
+
+
+def _train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, amp, progress, title):
+    model.train()
+    loss_sum, correct, count = 0.0, 0, 0
+    task = progress.add_task(title, total=len(loader), loss=float("nan"))
+    for images, labels in loader:
+        with _autocast(images.device, amp):
+            loss, logits = loss_fn(model, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+        progress.update(task, advance=1, loss=loss_sum / count)
+    progress.remove_task(task)
+    return {"train_loss": loss_sum / max(count, 1), "train_top1": correct / max(count, 1),
+            "images": count}
+
+
+@dataclass
+class TrainingRun:
+    """Everything `fit` needs besides the model; groups the arguments a stage assembles."""
+
+    cfg: TrainConfig
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    loss_fn: LossFn
+    checkpoint_path: Path  # resume state, rewritten after every epoch
+    fingerprint: str  # identifies config + data + initial model; a mismatch means start over
+    param_groups: list[dict[str, Any]] | None = None  # default: all model parameters
+    on_epoch_end: EpochHook | None = None
+    title: str = "train"
+
+
+def _load_resume_state(run: TrainingRun) -> dict[str, Any] | None:
+    if not run.checkpoint_path.is_file():
+        return None
+    try:
+        state = torch.load(run.checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a corrupt checkpoint is reported, then ignored
+        log.warning("%s: unreadable resume checkpoint (%s); starting over",
+                    run.checkpoint_path, err)
+        return None
+    if state.get("fingerprint") != run.fingerprint:
+        log.info("%s belongs to other settings; starting over", run.checkpoint_path)
+        return None
+    return state
+
+
+def fit(model: nn.Module, run: TrainingRun) -> FitResult:
+    """Train `model` in place according to `run`; resume from its checkpoint when it matches."""
+    cfg = run.cfg
+    device = run.train_loader.device
+    amp = effective_amp(device, cfg.amp)
+    if len(run.train_loader) == 0:
+        raise ConfigError(f"{run.title}: batch_size={cfg.batch_size} exceeds the training set")
+    optimizer = make_optimizer(run.param_groups or model.parameters(), cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(run.train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    history, seconds, images, start_epoch = [], 0.0, 0, 0
+    state = _load_resume_state(run)
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{run.checkpoint_path}: cannot resume ({err}); delete it "
+                                  "to start over") from err
+        history, seconds, images = state["history"], state["seconds"], state["images"]
+        start_epoch = len(history)
+        log.info("%s: resuming after epoch %d of %d", run.title, start_epoch, cfg.epochs)
+    with _progress() as progress:
+        for epoch in range(start_epoch, cfg.epochs):
+            run.train_loader.set_epoch(epoch)
+            began = time.perf_counter()
+            row = _train_epoch(model, run.train_loader, optimizer, scheduler, scaler,
+                               run.loss_fn, amp, progress, f"{run.title} {epoch + 1}/{cfg.epochs}")
+            elapsed = time.perf_counter() - began
+            seconds, images = seconds + elapsed, images + row.pop("images")
+            test = evaluate(model, run.test_loader, amp)
+            row = {"epoch": epoch + 1, **row, "test_loss": test["loss"], "test_top1": test["top1"],
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed}
+            if run.on_epoch_end is not None:
+                row.update(run.on_epoch_end(epoch + 1, model))
+            history.append(row)
+            log.info("%s epoch %d/%d: loss %.4f  train top1 %.4f  test top1 %.4f  (%.1f s)",
+                     run.title, epoch + 1, cfg.epochs, row["train_loss"], row["train_top1"],
+                     row["test_top1"], elapsed)
+            atomic_save({"fingerprint": run.fingerprint, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "history": history, "seconds": seconds,
+                         "images": images}, run.checkpoint_path)
+    return FitResult(history, seconds, images / seconds if seconds else 0.0, amp, start_epoch)
+
+
+def make_loaders(dataset, cfg: TrainConfig, device: torch.device,
+                 seed: int) -> tuple[BatchLoader, BatchLoader]:
+    """Augmented, shuffled training batches and plain test batches, both on `device`."""
+    layout = {"mean": dataset.mean, "std": dataset.std, "device": device,
+              "channels_last": cfg.channels_last}
+    train = BatchLoader(dataset.train, cfg.batch_size, train=True, seed=seed, **layout)
+    test = BatchLoader(dataset.test, cfg.eval_batch_size, train=False, **layout)
+    return train, test
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model

@@ -1,0 +1,80 @@
+"""The one protocol every runtime target implements (after Polygraphy: build apart from run).
+
+    target = SomeTarget(settings)
+    ok, reason = target.available()              # never raises; reason says what is missing
+    artifact = target.build(onnx_path, out_dir)  # offline: ONNX -> runtime artifact (a Path)
+    with target.load(artifact) as runner:        # runner owns runtime/device resources
+        outputs = runner.infer({"input": batch}) # checks names, dtypes and shapes first
+        stats = runner.benchmark(feeds, plan)    # LatencyStats
+
+Heavy runtimes are imported inside methods, so `import targets` works on any machine.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from pipeline.errors import TargetUnavailable
+from pipeline.timing import LatencyStats, TimingPlan, measure_latency
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]  # str/None: a dynamic axis
+
+
+class Runner(ABC):
+    """Runs one built artifact. Use as a context manager: resources are freed on exit."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:  # noqa: B027 - optional hook; most runners own nothing to free
+        """Free runtime resources (sessions, device buffers)."""
+
+    @property
+    @abstractmethod
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """What `infer` accepts."""
+
+    @abstractmethod
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once; block until the outputs are on the host."""
+
+    def benchmark(self, feeds: dict[str, np.ndarray], plan: TimingPlan) -> LatencyStats:
+        """Host wall-clock latency of `infer`; GPU targets override this with device timing."""
+        batch = next(iter(feeds.values())).shape[0]
+        return measure_latency(lambda: self.infer(feeds), plan, batch)
+
+
+class Target(ABC):
+    """A runtime on some device. Subclasses declare what they support, checked at config load."""
+
+    name: ClassVar[str]  # as written in params.yaml
+    precisions: ClassVar[tuple[str, ...]]  # e.g. ("fp32", "int8")
+    dynamic_batch: ClassVar[bool]  # one artifact serves every batch size
+
+    @abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """(True, "") or (False, why): a missing package, device, or host."""
+
+    @abstractmethod
+    def build(self, onnx_path: Path, out_dir: Path) -> Path:
+        """Turn an ONNX file into this target's artifact (may be the ONNX file itself)."""
+
+    @abstractmethod
+    def load(self, artifact: Path) -> Runner:
+        """A runner for a built artifact."""
+
+    def require_available(self) -> None:
+        ok, reason = self.available()
+        if not ok:
+            raise TargetUnavailable(f"target {self.name!r} is not available: {reason}")
