@@ -1,0 +1,86 @@
+"""params.yaml -> typed config: profiles apply, and every kind of bad input names its key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import Params, load_params
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path: Path, edit) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_every_profile_of_the_shipped_params_loads(tmp_path, profile):
+    params = load_params(write_params(tmp_path, lambda raw: raw.update(profile=profile)))
+    assert isinstance(params, Params)
+    assert params.profile == profile
+
+
+def test_profile_overrides_apply(tmp_path):
+    smoke = load_params(write_params(tmp_path, lambda raw: raw.update(profile="smoke")))
+    quick = load_params(write_params(tmp_path, lambda raw: raw.update(profile="quick")))
+    assert smoke.data.dataset == "synthetic"
+    assert quick.data.dataset == "cifar10"
+    assert smoke.train_teacher.epochs < quick.train_teacher.epochs
+
+
+def test_configs_are_frozen():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(Exception, match="frozen|cannot assign"):
+        params.train_teacher.lr = 1.0  # type: ignore[misc]
+
+
+def test_float_with_bare_exponent_reads_as_number(tmp_path):
+    path = write_params(tmp_path, lambda raw: None)
+    path.write_text(path.read_text().replace("weight_decay: 0.0005", "weight_decay: 5e-4"))
+    assert load_params(path).train_teacher.weight_decay == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw["train_teacher"].update(colour="red"), r"train_teacher\.colour: unknown key"),
+        (lambda raw: raw["train_teacher"].pop("lr"), r"train_teacher\.lr: missing key"),
+        (lambda raw: raw["train_teacher"].update(lr="fast"), r"train_teacher\.lr: .*valid number"),
+        (lambda raw: raw["train_teacher"].update(lr=-0.1), r"train_teacher\.lr: .*greater than 0"),
+        (lambda raw: raw["train_teacher"].update(epochs=2.5), r"train_teacher\.epochs: .*integer"),
+        (lambda raw: raw["data"].update(dataset="mnist"), r"data\.dataset: "),
+        (lambda raw: raw["train_teacher"].update(arch="resnet9"), r"unknown architecture 'resnet9'"),
+        (lambda raw: raw.update(extra={}), r"extra: unknown section"),
+        (lambda raw: raw.pop("common"), r"common: missing section"),
+        (lambda raw: raw.update(profile="huge"), r"profile: expected one of"),
+        (lambda raw: raw["profiles"]["quick"].update(data={"colour": 1}),
+         r"profiles\.quick\.data\.colour: unknown key"),
+        (lambda raw: raw["train_teacher"].update(schedule="multistep", milestones=[99]),
+         r"milestone 99 is not before epochs"),
+    ],
+)
+def test_bad_params_name_the_key_and_the_file(tmp_path, edit, message):
+    path = write_params(tmp_path, edit)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_params(path)
+    assert str(path) in str(caught.value)
+
+
+def test_error_from_a_profile_says_so(tmp_path):
+    def edit(raw):
+        raw["profile"] = "smoke"
+        raw["profiles"]["smoke"]["train_teacher"]["lr"] = -1.0
+
+    with pytest.raises(ConfigError, match=r"train_teacher\.lr: .*\[set by profiles\.smoke\]"):
+        load_params(write_params(tmp_path, edit))
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        load_params(tmp_path / "nope.yaml")

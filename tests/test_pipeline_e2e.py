@@ -1,0 +1,87 @@
+"""`dvc repro` on the smoke profile, in a scratch copy of the repository."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["pipeline", "stages", "targets", "dvc.yaml", "params.yaml", ".dvc/config",
+                 ".dvcignore", ".gitignore", "pyproject.toml"]
+OUTPUT_DIRS = ["models", "metrics", "artifacts", "plots", "reports", "data", "checkpoints"]
+
+pytestmark = pytest.mark.slow
+
+
+def dvc(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    # The stages' `python` must be this interpreter (the project's venv), found first on PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    return subprocess.run([str(Path(bin_dir) / "dvc"), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=1800)
+
+
+def snapshot(workdir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(workdir)): p.read_bytes()
+            for d in OUTPUT_DIRS for p in sorted((workdir / d).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("repo")
+    for name in PROJECT_FILES:
+        source, target = REPO / name, workdir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    params = workdir / "params.yaml"
+    params.write_text(params.read_text().replace("profile: quick", "profile: smoke", 1))
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    first = dvc(workdir, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    return workdir
+
+
+def test_smoke_repro_writes_the_teacher_metrics(smoke_repo):
+    metrics = json.loads((smoke_repo / "metrics" / "teacher.json").read_text())
+    for key in ("top1", "params", "macs", "epochs", "train_seconds", "images_per_second",
+                "device", "data_checksum"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["top1"] <= 1.0
+    assert (smoke_repo / "models" / "teacher.pt").is_file()
+    assert len((smoke_repo / "plots" / "train_teacher.csv").read_text().splitlines()) >= 2
+
+
+def test_second_repro_does_nothing_and_says_so(smoke_repo):
+    before = snapshot(smoke_repo)
+    again = dvc(smoke_repo, "repro")
+    assert again.returncode == 0, again.stderr
+    assert "Data and pipelines are up to date" in again.stdout
+    assert snapshot(smoke_repo) == before
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [("  lr: 0.1\n", "  lr: -0.1\n", "train_teacher.lr"),
+     ("  lr: 0.1\n", "  lr: fast\n", "train_teacher.lr"),
+     ("  seed: 0 ", "  seed: 0\n  colour: red ", "common.colour")],
+)
+def test_bad_params_stop_with_the_key_and_touch_nothing(smoke_repo, old, new, key):
+    params = smoke_repo / "params.yaml"
+    good = params.read_text()
+    assert old in good
+    before = snapshot(smoke_repo)
+    params.write_text(good.replace(old, new, 1))
+    try:
+        result = dvc(smoke_repo, "repro")
+    finally:
+        params.write_text(good)
+    assert result.returncode != 0
+    assert key in result.stdout + result.stderr
+    assert snapshot(smoke_repo) == before
