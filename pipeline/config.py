@@ -10,6 +10,7 @@ before any output is touched.
 import copy
 import os
 import re
+import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -102,6 +103,172 @@ def check_arch(arch: str) -> str:
     return arch
 
 
+# --- export (issue 4) ---
+
+
+@dataclass(frozen=True, config=_STRICT)
+class OnnxRuntimeCpuConfig:
+    """Session settings of the ONNX Runtime CPU target (targets/onnxruntime_cpu.py)."""
+
+    graph_optimization: Literal["disable", "basic", "extended", "all"]  # ORT graph optimisation
+    intra_op_threads: NonNegativeInt  # threads inside one operator; 0 = ORT's default (all cores)
+    inter_op_threads: NonNegativeInt  # threads across operators; 0 = ORT's default
+    # Execution providers, most preferred first; every one must be present (never dropped).
+    providers: Annotated[tuple[str, ...], Field(min_length=1)]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ParityTolerance:
+    """How far a reduced-precision ONNX file may drift from the PyTorch model's logits."""
+
+    max_rel_diff: PositiveFloat  # max|a - b| / max|a| over all compared logits
+    min_top1_agreement: Annotated[float, Field(gt=0, le=1)]  # share of images with equal top-1
+
+
+@dataclass(frozen=True, config=_STRICT)
+class QuantizeConfig:
+    """Static INT8 (QDQ, per-channel weights) quantisation with ONNX Runtime."""
+
+    calibration_images: Annotated[int, Field(ge=512)]  # training images used for calibration
+    calibration_batch: PositiveInt  # images per calibration forward pass
+    calibration_method: Literal["minmax", "entropy", "percentile"]  # activation range estimate
+    activation_type: Literal["uint8", "int8"]  # uint8 = U8S8 (fully fused on ORT CPU, faster)
+    reduce_range: bool  # 7-bit weights: avoids U8S8 overflow on x86 without VNNI; less precise
+    max_top1_drop: NonNegativeFloat  # top-1 points (percent) INT8 may lose vs FP32, else error
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ExportConfig:
+    """The export stage: ONNX export, simplification, FP16/INT8 variants and their parity gates."""
+
+    opset: Annotated[int, Field(ge=18)]  # ONNX opset; 17 fails for our ResNets (docs/export.md)
+    simplifier: Literal["onnxsim", "onnxslim"]  # graph simplifier run after export
+    parity_images: PositiveInt  # first N test images compared across representations
+    parity_batch: Annotated[int, Field(ge=2)]  # the large parity batch (the small one is 1)
+    eval_batch: PositiveInt  # batch size for accuracy runs over the whole test set
+    fp16: ParityTolerance  # FP16 file vs PyTorch (FP32 files must match within 1e-4, 100% top-1)
+    int8: ParityTolerance  # INT8 file vs PyTorch
+    quantize: QuantizeConfig  # how the INT8 file is calibrated and how much it may lose
+    runtime: OnnxRuntimeCpuConfig  # ONNX Runtime session used for parity and accuracy
+
+    @model_validator(mode="after")
+    def _large_batch_fits_parity_images(self):
+        if self.parity_images < self.parity_batch:
+            raise ValueError(f"parity_images={self.parity_images} must be >= parity_batch="
+                             f"{self.parity_batch}, or no batch of that size is ever compared")
+        return self
+
+
+# --- benchmark/report (issue 5) ---
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TimingConfig:
+    """How each latency is measured (pipeline.timing.TimingPlan)."""
+
+    warmup_iters: NonNegativeInt  # throw-away calls before timing, at least this many ...
+    warmup_seconds: NonNegativeFloat  # ... and for at least this long (seconds)
+    min_iters: PositiveInt  # timed calls: at least this many ...
+    min_seconds: NonNegativeFloat  # ... and for at least this long in total (seconds)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SshDeviceConfig:
+    """The edge device of the ssh-* targets (targets/ssh.py). host "" = none: rows are skipped."""
+
+    host: str  # user@host of the device; "" = no device configured
+    port: Annotated[int, Field(ge=1, le=65535)]  # sshd port on the device
+    key_file: str  # private key file; "" = ssh's default identities
+    known_hosts: str  # known_hosts file holding the device's host key (verified, never skipped)
+    ssh_config: str  # passed as `ssh -F`: a config file, or "none" to ignore ~/.ssh/config
+    remote_python: Annotated[tuple[str, ...], Field(min_length=1)]  # device Python + numpy + ORT
+    remote_tmp: str  # device folder under which a temp folder is made and removed again
+    providers: Annotated[tuple[str, ...], Field(min_length=1)]  # ORT providers on the device
+    trtexec: str  # trtexec command on the device (ssh-tensorrt)
+    threads: NonNegativeInt  # ORT intra-op threads on the device; 0 = ORT's default
+    connect_timeout_s: PositiveFloat  # seconds allowed to connect
+    command_timeout_s: PositiveFloat  # seconds allowed for any one remote command or copy
+
+
+@dataclass(frozen=True, config=_STRICT)
+class BenchmarkConfig:
+    """The benchmark stage, run once per target (DVC foreach over `targets`)."""
+
+    # target name -> precisions benchmarked there (checked against what the target supports)
+    targets: dict[str, Annotated[tuple[Precision, ...], Field(min_length=1)]]
+    models: Annotated[tuple[str, ...], Field(min_length=1)]  # models/<m>.pt, artifacts/<m>.*.onnx
+    batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)]  # images per call
+    eval_images: NonNegativeInt  # test images for top-1 through each runtime; 0 = all
+    timing: TimingConfig
+    torch_threads: NonNegativeInt  # torch-cpu intra-op threads; 0 = torch's default
+    onnxruntime: OnnxRuntimeCpuConfig  # onnxruntime-cpu session settings
+    ssh: SshDeviceConfig
+
+    @model_validator(mode="after")
+    def _targets_support_their_precisions(self):
+        from targets import TARGETS
+
+        for name, precisions in self.targets.items():
+            if name not in TARGETS:
+                raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
+            unsupported = sorted(set(precisions) - set(TARGETS[name].precisions))
+            if unsupported:
+                raise ValueError(f"target {name!r} does not support {unsupported}; it supports "
+                                 f"{list(TARGETS[name].precisions)}")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ReportConfig:
+    """The comparison report (stages/report.py)."""
+
+    baseline_model: str  # speedups are measured against this model (the teacher)
+    dense_model: str  # the unpruned student
+    pruned_model: str  # the slimmed student: "did pruning pay off" compares it with dense_model
+    paid_off_speedup: Annotated[float, Field(gt=1)]  # measured speedup that counts as paying off
+
+
+# --- PDD, slimming, fine-tuning (issue 3) ---
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DistillConfig:
+    """Hinton KD as every student stage uses it: (1-alpha)*CE + alpha*T^2*KL(t||s)."""
+
+    temperature: PositiveFloat  # softmax temperature T of the KD term (reference: 3)
+    alpha: Annotated[float, Field(ge=0, le=1)]  # weight of the KD term (reference: 0.6)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DistillPruneConfig(TrainConfig):
+    arch: str = Field(default=...)  # student architecture (zoo name), e.g. resnet20
+    gate_lr: PositiveFloat = Field(default=...)  # SGD lr of the gate logits (no weight decay)
+    flops_target: Annotated[float, Field(ge=0, le=1)] = Field(default=...)  # kept-MACs fraction
+    # the budget penalty drives towards; 0 = no budget (the paper's default)
+    flops_weight: NonNegativeFloat = Field(default=...)  # weight of the budget penalty
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_in_zoo(cls, arch: str) -> str:
+        return check_arch(arch)
+
+    @model_validator(mode="after")
+    def _budget_needs_a_weight(self):
+        if (self.flops_target > 0) != (self.flops_weight > 0):
+            raise ValueError("flops_target and flops_weight switch the MACs budget on together: "
+                             f"both > 0 or both 0 (got {self.flops_target}, {self.flops_weight})")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SlimConfig:
+    round_to: PositiveInt  # keep every group's width a multiple of this (1 = exact gate widths)
+    check_images: PositiveInt  # test images on which slimmed and gated logits are compared
+    tolerance: PositiveFloat  # max allowed max|gated - slim| / max|gated| (exactness gate)
+
+
 # --- sections added by later issues go above this line, and into Params below ---
 
 
@@ -113,6 +280,21 @@ class Params:
     common: CommonConfig
     data: DataConfig
     train_teacher: TrainTeacherConfig
+    distill: DistillConfig
+    student_dense: TrainConfig  # the unpruned student (arch of distill_prune), same KD recipe
+    distill_prune: DistillPruneConfig
+    slim: SlimConfig
+    finetune: TrainConfig
+
+    @model_validator(mode="after")
+    def _dense_student_gets_the_same_epoch_budget(self):
+        budget = self.distill_prune.epochs + self.finetune.epochs
+        if self.student_dense.epochs != budget:
+            raise ValueError(
+                f"student_dense.epochs ({self.student_dense.epochs}) must equal "
+                f"distill_prune.epochs + finetune.epochs ({budget}): pruned and unpruned "
+                "students are compared at the same training budget")
+        return self
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -178,14 +360,41 @@ def _describe(error: dict[str, Any], overridden: set[str], profile: str) -> str:
     return f"{key}: {message}"
 
 
+class _SectionErrors(Exception):
+    """Validation errors of one section, each with its full key path."""
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        super().__init__(errors)
+        self.errors = errors
+
+
+def _construct(cls: type, values: dict[str, Any], where: tuple[str, ...]) -> Any:
+    """Build dataclass `cls` from a mapping, nested sections first (strict mode wants instances)."""
+    hints = typing.get_type_hints(cls)
+    built, problems = {}, []
+    for key, value in values.items():
+        nested = hints.get(key)
+        if isinstance(value, dict) and is_dataclass(nested):
+            try:
+                value = _construct(nested, value, (*where, key))
+            except _SectionErrors as err:
+                problems += err.errors
+        built[key] = value
+    if problems:
+        raise _SectionErrors(problems)
+    try:
+        return cls(**built)
+    except ValidationError as err:
+        raise _SectionErrors([{**e, "loc": (*where, *e["loc"])} for e in err.errors()]) from None
+
+
 def _build_section(name: str, cls: type, values: Any, overridden: set[str], profile: str) -> Any:
     if not isinstance(values, dict):
         raise ValueError(f"{name}: expected a mapping of keys, got {type(values).__name__}")
     try:
-        return cls(**_lists_to_tuples(values))
-    except ValidationError as err:
-        problems = [_describe({**e, "loc": (name, *e["loc"])}, overridden, profile)
-                    for e in err.errors()]
+        return _construct(cls, _lists_to_tuples(values), (name,))
+    except _SectionErrors as err:
+        problems = [_describe(e, overridden, profile) for e in err.errors]
         raise ValueError("\n  ".join(problems)) from None
 
 
@@ -205,7 +414,11 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
                 problems.append(str(err))
     if problems:
         raise ConfigError(f"{path}: invalid parameters:\n  " + "\n  ".join(problems))
-    return Params(**built)
+    try:
+        return Params(**built)
+    except ValidationError as err:  # cross-section rules
+        problems = [e["msg"].removeprefix("Value error, ") for e in err.errors()]
+        raise ConfigError(f"{path}: invalid parameters:\n  " + "\n  ".join(problems)) from None
 
 
 def _lists_to_tuples(value: Any) -> Any:

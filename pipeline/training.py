@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # on_epoch_end(epoch, model) -> extra numbers recorded in that epoch's history row.
 EpochHook = Callable[[int, nn.Module], dict[str, Any]]
+# on_epoch_start(epoch, model): runs after a resume has restored the model, before training.
+EpochStartHook = Callable[[int, nn.Module], None]
 
 
 @dataclass
@@ -152,6 +154,7 @@ class TrainingRun:
     fingerprint: str  # identifies config + data + initial model; a mismatch means start over
     param_groups: list[dict[str, Any]] | None = None  # default: all model parameters
     on_epoch_end: EpochHook | None = None
+    on_epoch_start: EpochStartHook | None = None
     title: str = "train"
 
 
@@ -197,6 +200,8 @@ def fit(model: nn.Module, run: TrainingRun) -> FitResult:
     with _progress() as progress:
         for epoch in range(start_epoch, cfg.epochs):
             run.train_loader.set_epoch(epoch)
+            if run.on_epoch_start is not None:
+                run.on_epoch_start(epoch + 1, model)
             began = time.perf_counter()
             row = _train_epoch(model, run.train_loader, optimizer, scheduler, scaler,
                                run.loss_fn, amp, progress, f"{run.title} {epoch + 1}/{cfg.epochs}")

@@ -49,13 +49,15 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda raw: raw["train_teacher"].update(colour="red"), r"train_teacher\.colour: unknown key"),
+        (lambda raw: raw["train_teacher"].update(colour="red"),
+         r"train_teacher\.colour: unknown key"),
         (lambda raw: raw["train_teacher"].pop("lr"), r"train_teacher\.lr: missing key"),
         (lambda raw: raw["train_teacher"].update(lr="fast"), r"train_teacher\.lr: .*valid number"),
         (lambda raw: raw["train_teacher"].update(lr=-0.1), r"train_teacher\.lr: .*greater than 0"),
         (lambda raw: raw["train_teacher"].update(epochs=2.5), r"train_teacher\.epochs: .*integer"),
         (lambda raw: raw["data"].update(dataset="mnist"), r"data\.dataset: "),
-        (lambda raw: raw["train_teacher"].update(arch="resnet9"), r"unknown architecture 'resnet9'"),
+        (lambda raw: raw["train_teacher"].update(arch="resnet9"),
+         r"unknown architecture 'resnet9'"),
         (lambda raw: raw.update(extra={}), r"extra: unknown section"),
         (lambda raw: raw.pop("common"), r"common: missing section"),
         (lambda raw: raw.update(profile="huge"), r"profile: expected one of"),
@@ -63,6 +65,11 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
          r"profiles\.quick\.data\.colour: unknown key"),
         (lambda raw: raw["train_teacher"].update(schedule="multistep", milestones=[99]),
          r"milestone 99 is not before epochs"),
+        (lambda raw: raw["student_dense"].update(epochs=99),
+         r"student_dense\.epochs \(99\) must equal distill_prune\.epochs \+ finetune\.epochs"),
+        (lambda raw: raw["distill_prune"].update(flops_target=0.5),
+         r"flops_target and flops_weight switch the MACs budget on together"),
+        (lambda raw: raw["slim"].update(round_to=0), r"slim\.round_to: .*greater than or equal"),
     ],
 )
 def test_bad_params_name_the_key_and_the_file(tmp_path, edit, message):

@@ -58,6 +58,26 @@ def test_smoke_repro_writes_the_teacher_metrics(smoke_repo):
     assert len((smoke_repo / "plots" / "train_teacher.csv").read_text().splitlines()) >= 2
 
 
+def read_metrics(repo: Path, name: str) -> dict:
+    return json.loads((repo / "metrics" / f"{name}.json").read_text())
+
+
+def test_smoke_repro_runs_pdd_slim_and_finetune(smoke_repo):
+    for model in ("student_dense", "student_gated", "student_slim", "student_final"):
+        assert (smoke_repo / "models" / f"{model}.pt").is_file(), model
+    pdd = read_metrics(smoke_repo, "pdd")
+    assert len(pdd["gate_flips_per_epoch"]) == pdd["epochs"]
+    assert all(g["kept"] >= 1 for g in pdd["kept_channels"].values())
+    slim = read_metrics(smoke_repo, "slim")
+    assert slim["rel_diff"] <= 1e-4
+    assert slim["macs_after"] < slim["macs_before"]
+    table = read_metrics(smoke_repo, "compression")
+    assert set(table["models"]) == {"teacher", "student_dense", "student_final"}
+    reduction = table["student_final_vs_student_dense"]
+    assert reduction["flops_reduction"] == pytest.approx(
+        1 - slim["macs_after"] / slim["macs_before"])
+
+
 def test_second_repro_does_nothing_and_says_so(smoke_repo):
     before = snapshot(smoke_repo)
     again = dvc(smoke_repo, "repro")

@@ -1,0 +1,61 @@
+"""student_dense stage: the unpruned student, trained with the same KD recipe and epoch budget
+as distill_prune + finetune, so that "pruned vs unpruned" is a measured comparison.
+
+Writes models/student_dense.pt, metrics/student_dense.json, plots/student_dense.csv.
+"""
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.checkpoint import save_model
+from pipeline.config import Params, load_params
+from pipeline.io import file_sha256
+from pipeline.models import build_model
+from pipeline.students import distillation_loss_fn, load_teacher
+from pipeline.training import TrainingRun, fit, prepare_model
+from stages._cli import run_main
+from stages._common import cost_of, start_stage, training_metrics, write_curves_and_metrics
+
+
+@dataclass(frozen=True)
+class Paths:
+    dataset: Path = Path("data/prepared.npz")
+    teacher: Path = Path("models/teacher.pt")
+    model: Path = Path("models/student_dense.pt")
+    metrics: Path = Path("metrics/student_dense.json")
+    plots: Path = Path("plots/student_dense.csv")
+    checkpoint: Path = Path("checkpoints/student_dense.pt")
+
+
+def run(params: Params, paths: Paths) -> dict:
+    cfg, seed = params.student_dense, params.common.seed
+    ctx = start_stage(params, paths.dataset)
+    spec = {"arch": params.distill_prune.arch, "num_classes": len(ctx.dataset.classes)}
+    model = build_model(spec)
+    cost = cost_of(model, ctx)
+    model = prepare_model(model, cfg, ctx.device)
+    teacher = load_teacher(paths.teacher, ctx.device, cfg.channels_last)
+    train_loader, test_loader = ctx.loaders(cfg, seed)
+    result = fit(model, TrainingRun(
+        cfg=cfg, train_loader=train_loader, test_loader=test_loader,
+        loss_fn=distillation_loss_fn(teacher, params.distill, cfg.label_smoothing),
+        checkpoint_path=paths.checkpoint,
+        fingerprint=ctx.fingerprint(cfg, spec, seed, params.distill, file_sha256(paths.teacher)),
+        title="student_dense"))
+    metrics = {**training_metrics(result, cfg, ctx, params), "arch": spec["arch"],
+               "params": cost.params, "macs": cost.macs}
+    save_model(paths.model, model, spec, ctx.model_meta(cost, metrics["top1"]))
+    write_curves_and_metrics(result, paths.plots, paths.metrics, metrics)
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    run_main(lambda: run(load_params(args.params), Paths()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The slim stage: exact on real images, and a violation fails it before anything is written."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.checkpoint import load_model, save_model
+from pipeline.config import load_params
+from pipeline.data import make_synthetic, save_prepared
+from pipeline.errors import ParityError
+from pipeline.gates import attach_gates
+from pipeline.models import build_model
+from stages import slim as slim_stage
+from stages.compression import compression_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def gated_checkpoint(tmp_path):
+    dataset = make_synthetic(32, 16, 10, seed=0)
+    save_prepared(dataset, tmp_path / "prepared.npz")
+    torch.manual_seed(0)
+    spec = {"arch": "resnet20", "num_classes": 10}
+    gated = attach_gates(build_model(spec), torch.zeros(1, 3, 32, 32),
+                         generator=torch.Generator().manual_seed(0))
+    for module in gated.model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    meta = {"input_shape": [3, 32, 32], "top1": 0.1, "classes": list(dataset.classes)}
+    save_model(tmp_path / "gated.pt", gated, spec, meta)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["profile"] = "smoke"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    paths = slim_stage.Paths(dataset=tmp_path / "prepared.npz", gated=tmp_path / "gated.pt",
+                             model=tmp_path / "slim.pt", metrics=tmp_path / "slim.json")
+    return load_params(tmp_path / "params.yaml"), paths
+
+
+def test_slim_stage_is_exact_and_its_file_replays(gated_checkpoint):
+    params, paths = gated_checkpoint
+    metrics = slim_stage.run(params, paths)
+    assert metrics["rel_diff"] <= 1e-4
+    assert metrics["macs_after"] < metrics["macs_before"]
+    model = load_model(paths.model).model
+    assert not any("gate" in name.lower() for name, _ in model.named_modules())
+    assert sum(p.numel() for p in model.parameters()) == metrics["params_after"]
+
+
+def test_a_non_exact_slimming_fails_the_stage_and_writes_nothing(gated_checkpoint, monkeypatch):
+    params, paths = gated_checkpoint
+    real_slim = slim_stage.slim
+
+    def perturbed_slim(gated, round_to, verify):
+        model, spec = real_slim(gated, round_to, verify=verify)
+        with torch.no_grad():
+            model.fc.bias.add_(1.0)
+        return model, spec
+
+    monkeypatch.setattr(slim_stage, "slim", perturbed_slim)
+    with pytest.raises(ParityError, match=r"gated vs slimmed: .*relative .* > tolerance"):
+        slim_stage.run(params, paths)
+    assert not paths.model.exists() and not paths.metrics.exists()
+
+
+def test_compression_table_reductions():
+    metrics = {"teacher": {"top1": 0.9, "params": 850, "macs": 126},
+               "student_dense": {"top1": 0.8, "params": 270, "macs": 40},
+               "student_final": {"top1": 0.82, "params": 135, "macs": 30}}
+    table = compression_table(metrics)["student_final_vs_student_dense"]
+    assert table["flops_reduction"] == pytest.approx(0.25)
+    assert table["params_reduction"] == pytest.approx(0.5)
+    assert table["top1_delta"] == pytest.approx(0.02)
