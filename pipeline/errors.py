@@ -38,3 +38,7 @@ class ParityError(PipelineError):
 
 class TargetUnavailable(PipelineError):
     """A runtime target cannot run on this machine (missing package, device or host)."""
+
+
+class ArtifactIntegrityError(PipelineError):
+    """A shipped artifact does not match its model card (hash, fields) or is not a valid file."""

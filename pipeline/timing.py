@@ -1,11 +1,22 @@
 """Latency measurement: throw-away warm-up, then timed repeats until both a minimum count and a
-minimum duration are reached; distributions (p50/p90/p99, mean, std), not single numbers."""
+minimum duration are reached; distributions (p50/p90/p99, mean, std), not single numbers.
+
+Host targets time each call with the host clock (`measure_latency`). Device targets time each
+call on the device (CUDA events) and report its phases - host-to-device copy, compute,
+device-to-host copy - separately (`measure_phases`); the stopping rule always runs on the host
+clock, so a plan means the same wall-clock budget everywhere.
+"""
 
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from typing import TypeVar
+
+from pipeline.errors import ConfigError
+
+Sample = TypeVar("Sample")
 
 
 @dataclass(frozen=True)
@@ -14,6 +25,14 @@ class TimingPlan:
     warmup_seconds: float  # ... and at least this long
     min_iters: int  # timed calls: at least this many
     min_seconds: float  # ... and at least this long in total
+
+    def __post_init__(self) -> None:
+        if self.min_iters < 1 or self.warmup_iters < 0:
+            raise ConfigError(f"timing plan needs min_iters >= 1 and warmup_iters >= 0, got "
+                              f"min_iters={self.min_iters}, warmup_iters={self.warmup_iters}")
+        if self.min_seconds < 0 or self.warmup_seconds < 0:
+            raise ConfigError(f"timing plan durations must be >= 0 s, got warmup_seconds="
+                              f"{self.warmup_seconds}, min_seconds={self.min_seconds}")
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,8 @@ class LatencyStats:
     std_ms: float  # sample standard deviation (0 for a single sample)
     batch_size: int
     throughput: float  # images per second at the median latency
+    clock: str = "host"  # what timed the calls: host | cuda-events | trtexec
+    phase_p50_ms: dict[str, float] = field(default_factory=dict)  # e.g. h2d/compute/d2h medians
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -57,18 +78,51 @@ def summarize(samples_s: Sequence[float], batch_size: int) -> LatencyStats:
     )
 
 
-def measure_latency(call: Callable[[], object], plan: TimingPlan, batch_size: int,
-                    clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
-    """Time `call` (which must block until its result is ready) with host wall-clock time."""
+def run_plan(timed_call: Callable[[], Sample], plan: TimingPlan,
+             clock: Callable[[], float] = time.perf_counter) -> list[Sample]:
+    """Warm up, then repeat `timed_call` until the plan's count and duration are both reached.
+
+    `timed_call` returns one sample (a duration, or a dict of phase durations); warm-up samples
+    are thrown away because first calls pay for allocation, JIT and cache misses.
+    """
     started = clock()
     done = 0
     while done < plan.warmup_iters or clock() - started < plan.warmup_seconds:
-        call()
+        timed_call()
         done += 1
-    samples: list[float] = []
+    samples: list[Sample] = []
     started = clock()
     while len(samples) < plan.min_iters or clock() - started < plan.min_seconds:
+        samples.append(timed_call())
+    return samples
+
+
+def measure_latency(call: Callable[[], object], plan: TimingPlan, batch_size: int,
+                    clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
+    """Time `call` (which must block until its result is ready) with host wall-clock time."""
+
+    def timed_call() -> float:
         begin = clock()
         call()
-        samples.append(clock() - begin)
-    return summarize(samples, batch_size)
+        return clock() - begin
+
+    return summarize(run_plan(timed_call, plan, clock), batch_size)
+
+
+def measure_phases(timed_call: Callable[[], dict[str, float]], plan: TimingPlan, batch_size: int,
+                   clock_name: str, clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
+    """Statistics of calls that time themselves phase by phase (seconds per phase, e.g. measured
+    with CUDA events); the latency of a call is the sum of its phases."""
+    samples = run_plan(timed_call, plan, clock)
+    return phase_stats(samples, batch_size, clock_name)
+
+
+def phase_stats(samples: Sequence[dict[str, float]], batch_size: int,
+                clock_name: str) -> LatencyStats:
+    """LatencyStats of the per-call phase sums, with each phase's median kept alongside."""
+    if not samples:
+        raise ValueError("phase statistics of no samples")
+    totals = [sum(sample.values()) for sample in samples]
+    medians = {phase: 1e3 * statistics.median(sample[phase] for sample in samples)
+               for phase in samples[0]}
+    return replace(summarize(totals, batch_size), clock=clock_name, phase_p50_ms=medians)

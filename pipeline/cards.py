@@ -1,0 +1,161 @@
+"""Model cards: what a shipped file is, where it came from, and the hash that ties the two.
+
+Every shipped file gets a card beside it: `teacher.sim.onnx` -> `teacher.sim.card.json`. The same
+card, minus the fields that depend on the file's own bytes (file, sha256, size_bytes, metrics),
+is embedded in the ONNX file's metadata_props under `prune_deploy.card`, so a file separated
+from its card still says what it is. `load_verified_onnx` refuses a file whose bytes do not hash
+to its card's sha256, whose embedded card disagrees with the card file, or that is not ONNX.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from pipeline.checkpoint import LoadedModel
+from pipeline.errors import ArtifactIntegrityError, CheckpointError
+from pipeline.io import file_sha256, write_json
+from pipeline.onnx_export import BATCH_DIM, INPUT_NAME, OUTPUT_NAME
+
+CARD_FORMAT = "prune-deploy/card/1"
+CARD_KEY = "prune_deploy.card"  # metadata_props key of the embedded card
+FILE_FIELDS = ("file", "sha256", "size_bytes", "metrics")  # only in the .card.json
+REQUIRED_META = ("classes", "mean", "std", "input_shape", "dataset", "params", "macs", "top1")
+TOOL_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "onnxslim")
+
+
+@dataclass(frozen=True)
+class VerifiedOnnx:
+    model: onnx.ModelProto  # parsed and passed onnx.checker
+    card: dict[str, Any]  # the .card.json, whose sha256 matches the file
+
+
+def card_path(artifact: str | os.PathLike) -> Path:
+    """`x.onnx` -> `x.card.json` (`teacher.int8.onnx` -> `teacher.int8.card.json`)."""
+    return Path(artifact).with_suffix(".card.json")
+
+
+def provenance() -> dict[str, Any]:
+    """Git revision and tool versions; runs `git`, so call it once per stage, not per file."""
+    from pipeline.provenance import git_revision, package_versions
+
+    return {"git_revision": git_revision(), "tools": package_versions(TOOL_PACKAGES)}
+
+
+def describe_source(loaded: LoadedModel, model_path: str | os.PathLike,
+                    model_name: str) -> dict[str, Any]:
+    """The card fields every file exported from one model file shares."""
+    meta, spec = loaded.meta, loaded.spec
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise CheckpointError(f"{model_path}: model metadata lacks {missing}; a model card needs "
+                              f"{list(REQUIRED_META)} (written by the training stages)")
+    input_shape = [int(v) for v in meta["input_shape"]]
+    return {
+        "model": model_name,
+        "source_model": {"path": str(model_path), "sha256": file_sha256(model_path)},
+        "architecture": {k: v for k, v in spec.items() if k != "pruning"},
+        "pruned": "pruning" in spec,
+        "pruning": meta.get("pruning"),  # the slimming stage's summary; None when unpruned
+        "input": {"name": INPUT_NAME, "shape": [BATCH_DIM, *input_shape], "dtype": "float32",
+                  "layout": "NCHW, RGB",
+                  "preprocessing": "(uint8 pixels / 255 - mean) / std, per channel"},
+        "output": {"name": OUTPUT_NAME, "shape": [BATCH_DIM, len(meta["classes"])],
+                   "dtype": "float32", "meaning": "logits (softmax gives probabilities)"},
+        "mean": list(meta["mean"]),
+        "std": list(meta["std"]),
+        "classes": list(meta["classes"]),
+        "dataset": meta["dataset"],
+        "params": meta["params"],
+        "macs": meta["macs"],
+        "checkpoint_top1": meta["top1"],
+    }
+
+
+def make_card(source: dict[str, Any], precision: str, opset: int, export: dict[str, Any],
+              provenance_record: dict[str, Any]) -> dict[str, Any]:
+    """A card for one file (without its hash: write_card adds that once the file exists)."""
+    return {"format": CARD_FORMAT, **source, "precision": precision, "opset": opset,
+            "export": export, "provenance": provenance_record}
+
+
+def _embeddable(card: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in card.items() if k not in FILE_FIELDS}
+
+
+def embed_card(proto: onnx.ModelProto, card: dict[str, Any]) -> None:
+    """Put the card (without file-dependent fields) into the model's metadata_props."""
+    text = json.dumps(_embeddable(card), sort_keys=True)
+    kept = [p for p in proto.metadata_props if p.key != CARD_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=CARD_KEY, value=text)
+
+
+def embedded_card(proto: onnx.ModelProto) -> dict[str, Any] | None:
+    for prop in proto.metadata_props:
+        if prop.key == CARD_KEY:
+            try:
+                return json.loads(prop.value)
+            except json.JSONDecodeError as err:
+                raise ArtifactIntegrityError(f"metadata_props[{CARD_KEY!r}] is not JSON "
+                                             f"({err})") from err
+    return None
+
+
+def write_card(artifact: str | os.PathLike, card: dict[str, Any],
+               metrics: dict[str, Any] | None = None) -> Path:
+    """Write `<artifact>.card.json` with the file's name, size and sha256 (atomically)."""
+    artifact = Path(artifact)
+    full = {**card, "file": artifact.name, "sha256": file_sha256(artifact),
+            "size_bytes": artifact.stat().st_size, "metrics": metrics or {}}
+    path = card_path(artifact)
+    write_json(path, full)
+    return path
+
+
+def read_card(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactIntegrityError(f"{path}: model card not found; every shipped file needs "
+                                     "its card beside it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactIntegrityError(f"{path}: unreadable model card ({err})") from err
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT or "sha256" not in card:
+        raise ArtifactIntegrityError(f"{path}: not a {CARD_FORMAT} card with a sha256")
+    return card
+
+
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse and check an ONNX file; a truncated or garbage file is an ArtifactIntegrityError."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except (DecodeError, onnx.checker.ValidationError, RuntimeWarning, ValueError) as err:
+        raise ArtifactIntegrityError(f"{path}: not a valid ONNX model "
+                                     f"({type(err).__name__}: {err})") from err
+    return model
+
+
+def load_verified_onnx(path: str | os.PathLike) -> VerifiedOnnx:
+    """The model and its card, after checking hash, embedded card and ONNX validity."""
+    path = Path(path)
+    card = read_card(card_path(path))
+    if not path.is_file():
+        raise ArtifactIntegrityError(f"{path}: file not found (its card {card_path(path)} exists)")
+    digest = file_sha256(path)
+    if digest != card["sha256"]:
+        raise ArtifactIntegrityError(f"{path}: sha256 {digest} does not match its card's "
+                                     f"{card['sha256']}; the file was changed or truncated")
+    model = read_onnx(path)
+    if embedded_card(model) != _embeddable(card):
+        raise ArtifactIntegrityError(f"{path}: the card embedded in metadata_props differs from "
+                                     f"{card_path(path).name}")
+    return VerifiedOnnx(model, card)

@@ -1,0 +1,293 @@
+"""The comparison report: one table of every benchmark row, two charts, and sentences generated
+from the numbers saying where pruning paid off in measured latency and where it did not.
+
+Input rows are the benchmark stage's (metrics/bench_<target>.json "results"). Speedups compare
+rows of the same target, precision and batch size: measured = p50 of the reference model / p50
+of the row's model; predicted = MACs of the reference / MACs of the row's model.
+"""
+
+import json
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+
+
+class ReportError(PipelineError):
+    """Benchmark results are missing or not in the benchmark stage's format."""
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    baseline_model: str  # speedups in the table are against this model (the teacher)
+    dense_model: str  # the unpruned student
+    pruned_model: str  # the slimmed student
+    paid_off_speedup: float  # measured speedup (pruned vs dense) that counts as paying off
+
+
+def load_rows(files: Iterable[Path]) -> list[dict[str, Any]]:
+    rows = []
+    for path in files:
+        try:
+            results = json.loads(Path(path).read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ReportError(f"{path}: not a benchmark results file ({err}); run the benchmark "
+                              "stage for this target") from err
+        rows.extend(results.values())
+    return rows
+
+
+def _group(row: dict) -> tuple:
+    return row["target"], row["precision"], row["batch_size"]
+
+
+def _ok(row: dict | None) -> bool:
+    return row is not None and row.get("status") == "ok" and bool(row.get("p50_ms"))
+
+
+def speedup(rows_by_key: dict[tuple, dict], row: dict, reference_model: str) -> tuple:
+    """(measured, MACs-predicted) speedup of `row` over the reference model in its group."""
+    reference = rows_by_key.get((reference_model, *_group(row)))
+    if reference is None:
+        return None, None
+    predicted = (reference["macs"] / row["macs"]) if reference.get("macs") and row.get("macs") \
+        else None
+    measured = reference["p50_ms"] / row["p50_ms"] if _ok(reference) and _ok(row) else None
+    return measured, predicted
+
+
+def sort_rows(rows: Sequence[dict], model_order: Sequence[str]) -> list[dict]:
+    rank = {model: i for i, model in enumerate(model_order)}
+    return sorted(rows, key=lambda r: (rank.get(r["model"], len(rank)), r["model"], r["target"],
+                                       PRECISION_ORDER.get(r["precision"], 9), r["batch_size"]))
+
+
+def with_speedups(rows: Sequence[dict], baseline_model: str) -> list[dict]:
+    by_key = {(r["model"], *_group(r)): r for r in rows}
+    out = []
+    for row in rows:
+        measured, predicted = speedup(by_key, row, baseline_model)
+        out.append(row | {"speedup": measured, "macs_speedup": predicted})
+    return out
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def markdown_table(rows: Sequence[dict], baseline_model: str) -> str:
+    """The results table; a skipped/failed row's reason becomes a numbered note below it."""
+    header = ["model", "target", "precision", "batch", "status", "size MB", "top-1 %", "p50 ms",
+              "p99 ms", "images/s", f"speedup vs {baseline_model}", "MACs-predicted"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes: list[str] = []
+    for r in with_speedups(rows, baseline_model):
+        status = r["status"]
+        if status != "ok" and r.get("reason"):
+            reason = " ".join(str(r["reason"]).split())  # one line, whatever the error said
+            if reason not in notes:
+                notes.append(reason)
+            status += f" [{notes.index(reason) + 1}]"
+        top1 = None if r.get("top1") is None else 100 * r["top1"]
+        cells = [r["model"], r["target"], r["precision"], str(r["batch_size"]), status,
+                 _num(r.get("size_mb"), ".2f"), _num(top1, ".2f"), _num(r.get("p50_ms"), ".3f"),
+                 _num(r.get("p99_ms"), ".3f"), _num(r.get("images_per_s"), ",.0f"),
+                 _num(r["speedup"], ".2f", "x"), _num(r["macs_speedup"], ".2f", "x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *[f"[{i}] {note}" for i, note in enumerate(notes, 1)]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _where(row: dict) -> str:
+    return f"{row['target']} {row['precision']} batch {row['batch_size']}"
+
+
+def pruning_findings(rows: Sequence[dict], settings: ReportSettings) -> list[str]:
+    """Sentences on the pruned vs dense student, from every group where both were measured."""
+    dense, pruned = settings.dense_model, settings.pruned_model
+    by_key = {(r["model"], *_group(r)): r for r in rows}
+    compared = []
+    for row in rows:
+        if row["model"] == pruned:
+            measured, predicted = speedup(by_key, row, dense)
+            if measured is not None and predicted is not None:
+                compared.append((row, measured, predicted))
+    if not compared:
+        return [f"No target measured both {dense} and {pruned}, so whether pruning paid off in "
+                "latency cannot be said from these results."]
+    paid = [c for c in compared if c[1] >= settings.paid_off_speedup]
+    unpaid = [c for c in compared if c[1] < settings.paid_off_speedup]
+
+    def listing(items: list[tuple]) -> str:
+        return "; ".join(f"{_where(r)} ({m:.2f}x measured vs {p:.2f}x predicted by MACs)"
+                         for r, m, p in items)
+
+    sentences = []
+    if paid:
+        sentences.append(f"Pruning paid off ({pruned} at least {settings.paid_off_speedup:.2f}x "
+                         f"faster than {dense}) on {listing(paid)}.")
+    if unpaid:
+        slower = [r for r, m, _ in unpaid if m < 1]
+        sentences.append(f"It did not pay off on {listing(unpaid)}"
+                         + (f"; {pruned} was even slower on "
+                            f"{', '.join(_where(r) for r in slower)}." if slower else "."))
+    realised = statistics.median(m / p for _, m, p in compared)
+    sentences.append(f"Across the {len(compared)} comparable configurations, the measured speedup "
+                     f"was a median {realised:.0%} of what the MACs reduction predicts.")
+    return sentences
+
+
+def accuracy_findings(rows: Sequence[dict]) -> list[str]:
+    """top-1 of each model on the first runtime that measured it, and what failed to run."""
+    sentences = []
+    first = {}
+    for row in rows:
+        if _ok(row) and row.get("top1") is not None:
+            first.setdefault(row["model"], row)
+    if first:
+        parts = [f"{m} {100 * r['top1']:.2f}% ({r['target']} {r['precision']})"
+                 for m, r in first.items()]
+        sentences.append("Top-1 on the test images: " + ", ".join(parts) + ".")
+    skipped = sorted({r["target"] for r in rows if r["status"] == "skipped"})
+    failed = sorted({f"{r['target']}/{r['model']}/{r['precision']}" for r in rows
+                     if r["status"] == "failed"})
+    if skipped:
+        sentences.append(f"Skipped (not available where the benchmark ran): {', '.join(skipped)}.")
+    if failed:
+        sentences.append(f"Failed: {', '.join(failed)} (reasons in the notes under the table).")
+    return sentences
+
+
+def _save_figure(figure, path: Path) -> None:
+    """PNG written to a temp file then renamed, like every other output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def latency_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> None:
+    """p50 latency (bar) to p99 (whisker) per target/precision, one bar per model, one panel per
+    batch size. Built on a bare Figure (Agg canvas), so no pyplot global state is touched."""
+    from matplotlib.figure import Figure
+
+    measured = [r for r in rows if _ok(r)]
+    batches = sorted({r["batch_size"] for r in measured}) or [1]
+    figure = Figure(figsize=(max(6.0, 1.2 * len(rows) / len(batches)), 3.6 * len(batches)))
+    for panel, batch in enumerate(batches, 1):
+        axes = figure.add_subplot(len(batches), 1, panel)
+        group_rows = [r for r in measured if r["batch_size"] == batch]
+        groups = sorted({(r["target"], r["precision"]) for r in group_rows},
+                        key=lambda g: (g[0], PRECISION_ORDER.get(g[1], 9)))
+        width = 0.8 / max(1, len(models))
+        for index, model in enumerate(models):
+            by_group = {(r["target"], r["precision"]): r for r in group_rows if r["model"] == model}
+            xs = [g for g, key in enumerate(groups) if key in by_group]
+            p50 = [by_group[groups[g]]["p50_ms"] for g in xs]
+            p99 = [by_group[groups[g]]["p99_ms"] - by_group[groups[g]]["p50_ms"] for g in xs]
+            axes.bar([x + index * width for x in xs], p50, width, label=model,
+                     yerr=[[0] * len(p99), p99], capsize=2)
+        axes.set_xticks([g + width * (len(models) - 1) / 2 for g in range(len(groups))],
+                        [f"{t}\n{p}" for t, p in groups], fontsize=8)
+        if group_rows:  # targets differ by orders of magnitude
+            axes.set_yscale("log")
+        axes.set_ylabel("latency ms (p50, whisker p99; log)")
+        axes.set_title(f"batch {batch}")
+        axes.legend(fontsize=8)
+    _save_figure(figure, path)
+
+
+def accuracy_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> None:
+    """top-1 vs p50 latency at the smallest batch size: colour = model, marker = target."""
+    from matplotlib.figure import Figure
+
+    measured = [r for r in rows if _ok(r) and r.get("top1") is not None]
+    batch = min((r["batch_size"] for r in measured), default=1)
+    measured = [r for r in measured if r["batch_size"] == batch]
+    targets = sorted({r["target"] for r in measured})
+    markers = dict(zip(targets, "osD^v<>pX*h", strict=False))
+    colours = {model: f"C{i}" for i, model in enumerate(models)}
+    figure = Figure(figsize=(6.5, 4.5))
+    axes = figure.add_subplot()
+    for r in measured:
+        axes.scatter(r["p50_ms"], 100 * r["top1"], color=colours.get(r["model"], "grey"),
+                     marker=markers.get(r["target"], "o"), s=40)
+        axes.annotate(r["precision"], (r["p50_ms"], 100 * r["top1"]), fontsize=7,
+                      xytext=(3, 3), textcoords="offset points")
+    for model, colour in colours.items():
+        axes.scatter([], [], color=colour, label=model)
+    for target, marker in markers.items():
+        axes.scatter([], [], color="black", marker=marker, label=target)
+    if measured:  # a log axis needs positive data
+        from matplotlib.ticker import FuncFormatter
+
+        axes.set_xscale("log")
+        for axis_formatter in (axes.xaxis.set_major_formatter, axes.xaxis.set_minor_formatter):
+            axis_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    else:
+        axes.text(0.5, 0.5, "no measured rows", transform=axes.transAxes, ha="center")
+    axes.set_xlabel(f"p50 latency ms (batch {batch}, log scale)")
+    axes.set_ylabel("top-1 %")
+    axes.legend(fontsize=7)
+    _save_figure(figure, path)
+
+
+def _provenance_lines(rows: Sequence[dict]) -> list[str]:
+    lines, seen = [], set()
+    for row in rows:
+        prov = row.get("provenance") or {}
+        gpu = prov.get("gpu") or {}
+        device = prov.get("device") or {}
+        line = (f"- {row['target']}: {prov.get('cpu_model')} ({prov.get('cpu_cores')} cores, "
+                f"{prov.get('threads')} threads)"
+                + (f", GPU {gpu.get('name')} (cc {gpu.get('compute_capability')}, driver "
+                   f"{gpu.get('driver')})" if gpu else "")
+                + (f", device {device.get('ssh_host')}: {device.get('cpu_model')}, onnxruntime "
+                   f"{device.get('onnxruntime')}, TensorRT {device.get('tensorrt')}"
+                   if device else "")
+                + f"; git {prov.get('git_revision')}; {prov.get('timestamp')}")
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return lines
+
+
+def render(rows: Sequence[dict], settings: ReportSettings, models: Sequence[str],
+           chart_names: tuple[str, str]) -> str:
+    """The whole report.md text for rows already sorted."""
+    if not rows:
+        raise ReportError("no benchmark rows to report")
+    findings = pruning_findings(rows, settings) + accuracy_findings(rows)
+    return "\n".join([
+        "# Benchmark report", "",
+        f"Speedups compare the same target, precision and batch size; measured = p50 of "
+        f"{settings.baseline_model} / p50 of the model, MACs-predicted = MACs of "
+        f"{settings.baseline_model} / MACs of the model.", "",
+        "## Findings", "", *[f"- {s}" for s in findings], "",
+        "## Results", "", markdown_table(rows, settings.baseline_model),
+        "## Charts", "", f"![latency per target]({chart_names[0]})", "",
+        f"![accuracy vs latency]({chart_names[1]})", "",
+        "## Provenance", "", *_provenance_lines(rows), ""])
+
+
+def write_report(rows: Sequence[dict], settings: ReportSettings, models: Sequence[str],
+                 out_dir: Path) -> dict[str, Path]:
+    """reports/report.md + latency.png + accuracy_vs_latency.png in `out_dir`."""
+    if not rows:
+        raise ReportError("no benchmark rows to report")
+    ordered = sort_rows(rows, models)
+    paths = {"report": out_dir / "report.md", "latency": out_dir / "latency.png",
+             "accuracy": out_dir / "accuracy_vs_latency.png"}
+    latency_chart(ordered, models, paths["latency"])
+    accuracy_chart(ordered, models, paths["accuracy"])
+    text = render(ordered, settings, models, (paths["latency"].name, paths["accuracy"].name))
+    tmp = paths["report"].with_name("report.md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, paths["report"])
+    return paths

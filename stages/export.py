@@ -1,0 +1,236 @@
+"""export stage: one trained model -> verified ONNX files (FP32, simplified FP32, FP16, INT8).
+
+For model <m> (DVC runs it once per model) it writes artifacts/<m>.onnx, <m>.sim.onnx,
+<m>.fp16.onnx and <m>.int8.onnx, a <file>.card.json beside each, and metrics/export_<m>.json:
+per file its parity with PyTorch at batch 1 and at the parity batch, batch-1 vs large-batch
+consistency, node counts, size and ONNX Runtime top-1 on the test set. Any failed gate stops the
+stage before a card is written, so `load_verified_onnx` refuses what a failed run left behind.
+"""
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline.cards import (
+    card_path,
+    describe_source,
+    embed_card,
+    make_card,
+    provenance,
+    write_card,
+)
+from pipeline.checkpoint import LoadedModel, load_model
+from pipeline.config import ExportConfig, ParityTolerance, as_dict, load_params
+from pipeline.data import Dataset, balanced_subset, load_prepared, normalize
+from pipeline.errors import DataError
+from pipeline.io import file_sha256, set_threads, write_json
+from pipeline.onnx_export import export_onnx, node_counts, save_onnx
+from pipeline.parity import (
+    FP32_TOLERANCE,
+    batched_logits,
+    check_parity,
+    measure_parity,
+    runner_predictor,
+    top1_accuracy,
+    torch_predictor,
+)
+from pipeline.quantize import check_int8_drop, convert_fp16, quantize_int8
+from pipeline.simplify import SimplifyReport, simplify
+from stages._cli import run_main
+from targets.onnxruntime_cpu import OnnxRuntimeCpuTarget
+
+log = logging.getLogger("stages.export")
+
+# variant -> (file suffix, precision); the keys are also the keys of metrics["files"]
+VARIANTS = {"onnx": (".onnx", "fp32"), "sim": (".sim.onnx", "fp32"),
+            "fp16": (".fp16.onnx", "fp16"), "int8": (".int8.onnx", "int8")}
+
+
+@dataclass(frozen=True)
+class Images:
+    """Normalised float32 inputs, as the model was trained on them."""
+
+    test: np.ndarray  # the whole test split
+    labels: np.ndarray  # its labels
+    parity: np.ndarray  # the first export.parity_images test images
+    calibration: np.ndarray  # class-balanced training images for INT8 calibration
+
+
+def prepare_images(dataset: Dataset, meta: dict[str, Any], cfg: ExportConfig) -> Images:
+    if tuple(meta["classes"]) != tuple(dataset.classes):
+        raise DataError(f"the model was trained on classes {list(meta['classes'])[:5]}..., the "
+                        f"prepared dataset has {list(dataset.classes)[:5]}...; expected the same")
+    needed = cfg.quantize.calibration_images
+    if len(dataset.train) < needed:
+        raise DataError(f"INT8 calibration needs {needed} training images "
+                        f"(export.quantize.calibration_images); the prepared dataset has "
+                        f"{len(dataset.train)}")
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(shape)
+    std = torch.tensor(meta["std"], dtype=torch.float32).view(shape)
+    test = normalize(dataset.test.images, mean, std).numpy()
+    calibration = normalize(balanced_subset(dataset.train, needed).images, mean, std).numpy()
+    return Images(test, dataset.test.labels.numpy(), test[:cfg.parity_images], calibration)
+
+
+def build_variants(loaded: LoadedModel, cfg: ExportConfig, images: Images,
+                   input_shape: tuple[int, ...]) -> tuple[dict[str, onnx.ModelProto],
+                                                          SimplifyReport]:
+    log.info("exporting (opset %d)", cfg.opset)
+    exported = export_onnx(loaded.model, input_shape, cfg.opset)
+    log.info("simplifying with %s", cfg.simplifier)
+    simplified, report = simplify(exported, cfg.simplifier)
+    log.info("converting to FP16; quantising to INT8 (%s calibration, %d images)",
+             cfg.quantize.calibration_method, cfg.quantize.calibration_images)
+    variants = {"onnx": exported, "sim": simplified, "fp16": convert_fp16(simplified),
+                "int8": quantize_int8(simplified, images.calibration, cfg.quantize)}
+    return variants, report
+
+
+def export_details(variant: str, cfg: ExportConfig, name: str) -> dict[str, Any]:
+    """What made this file, for its card."""
+    details: dict[str, Any] = {"exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+                               "simplifier": None if variant == "onnx" else cfg.simplifier}
+    if variant in ("fp16", "int8"):
+        details["derived_from"] = f"{name}{VARIANTS['sim'][0]}"
+    if variant == "fp16":
+        details["conversion"] = "onnxruntime.transformers.float16, keep_io_types=True"
+    if variant == "int8":
+        details["quantization"] = {"format": "QDQ", "weights": "int8 per-channel",
+                                   **as_dict(cfg.quantize)}
+    return details
+
+
+def tolerance_for(variant: str, cfg: ExportConfig) -> ParityTolerance:
+    return {"fp16": cfg.fp16, "int8": cfg.int8}.get(variant, FP32_TOLERANCE)
+
+
+def evaluate(path: Path, target: OnnxRuntimeCpuTarget, images: Images, batches: tuple[int, ...],
+             eval_batch: int) -> tuple[dict[int, np.ndarray], float]:
+    """Parity logits at each batch size and test-set top-1, through ONNX Runtime."""
+    with target.load(path) as runner:
+        predict = runner_predictor(runner)
+        logits = {b: batched_logits(predict, images.parity, b) for b in batches}
+        top1 = top1_accuracy(batched_logits(predict, images.test, eval_batch), images.labels)
+    return logits, top1
+
+
+def reference_gates(name: str, logits: dict[int, np.ndarray], reference: dict[int, np.ndarray],
+                    reference_name: str, tolerance: ParityTolerance) -> dict[str, Any]:
+    """The file's logits against a reference's, batch size by batch size."""
+    return {f"vs_{reference_name}_b{b}": check_parity(
+        measure_parity(reference[b], logits[b], reference_name, name, b), tolerance).as_dict()
+        for b in logits}
+
+
+def consistency_gate(name: str, logits: dict[int, np.ndarray],
+                     tolerance: ParityTolerance) -> dict[str, Any]:
+    """Batch 1 against the largest batch: per-sample results must not depend on the batch."""
+    small, large = min(logits), max(logits)
+    result = measure_parity(logits[large], logits[small], f"{name}@batch{large}", name, small)
+    return {"batch_consistency": check_parity(result, tolerance).as_dict()}
+
+
+def file_entry(path: Path, proto: onnx.ModelProto, precision: str, top1: float,
+               parity: dict[str, Any]) -> dict[str, Any]:
+    counts = node_counts(proto)
+    return {"path": str(path), "precision": precision, "size_bytes": path.stat().st_size,
+            "sha256": file_sha256(path), "nodes": counts["total"], "ops": counts["by_op"],
+            "top1": top1, "parity": parity}
+
+
+def save_variants(variants: dict[str, onnx.ModelProto], cards: dict[str, dict[str, Any]],
+                  out_dir: Path, name: str) -> dict[str, Path]:
+    """Each variant with its card embedded, as <out_dir>/<name><suffix>; no card file yet."""
+    paths = {}
+    for variant, proto in variants.items():
+        embed_card(proto, cards[variant])
+        paths[variant] = out_dir / f"{name}{VARIANTS[variant][0]}"
+        card_path(paths[variant]).unlink(missing_ok=True)  # a stale card must not vouch for it
+        save_onnx(proto, paths[variant])
+    return paths
+
+
+def verify_variants(paths: dict[str, Path], variants: dict[str, onnx.ModelProto],
+                    loaded: LoadedModel, images: Images, cfg: ExportConfig) -> dict[str, Any]:
+    """Parity gates and top-1 of every file through ONNX Runtime; raises on a failed gate."""
+    batches = (1, cfg.parity_batch)
+    predict = torch_predictor(loaded.model)
+    reference = {b: batched_logits(predict, images.parity, b) for b in batches}
+    target = OnnxRuntimeCpuTarget(cfg.runtime)
+    files: dict[str, Any] = {}
+    logits: dict[str, dict[int, np.ndarray]] = {}
+    for variant, path in paths.items():
+        log.info("verifying %s in ONNX Runtime", path.name)
+        logits[variant], top1 = evaluate(path, target, images, batches, cfg.eval_batch)
+        tolerance = tolerance_for(variant, cfg)
+        parity = {**reference_gates(path.name, logits[variant], reference, "torch", tolerance),
+                  **consistency_gate(path.name, logits[variant], tolerance)}
+        if variant == "sim":  # the simplifier must not change the exported function
+            parity.update(reference_gates(path.name, logits["sim"], logits["onnx"], "onnx",
+                                          FP32_TOLERANCE))
+        files[variant] = file_entry(path, variants[variant], VARIANTS[variant][1], top1, parity)
+    return files
+
+
+def run(cfg: ExportConfig, model_path: Path, dataset_path: Path, out_dir: Path,
+        name: str | None = None) -> dict[str, Any]:
+    """Export, verify and card every variant of one model; returns the metrics dict."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    name = name or model_path.stem
+    loaded = load_model(model_path)
+    source = describe_source(loaded, model_path, name)
+    images = prepare_images(load_prepared(dataset_path), loaded.meta, cfg)
+    input_shape = tuple(int(v) for v in loaded.meta["input_shape"])
+    variants, simplify_report = build_variants(loaded, cfg, images, input_shape)
+    record = provenance()
+    cards = {variant: make_card(source, VARIANTS[variant][1], cfg.opset,
+                                export_details(variant, cfg, name), record)
+             for variant in variants}
+    paths = save_variants(variants, cards, out_dir, name)
+    files = verify_variants(paths, variants, loaded, images, cfg)
+    drop = check_int8_drop(files["sim"]["top1"], files["int8"]["top1"],
+                           cfg.quantize.max_top1_drop)
+    torch_top1 = top1_accuracy(batched_logits(torch_predictor(loaded.model), images.test,
+                                              cfg.eval_batch), images.labels)
+    for variant, path in paths.items():  # every gate passed: now the files may be vouched for
+        write_card(path, cards[variant], {"onnxruntime_top1": files[variant]["top1"],
+                                          "test_images": len(images.labels)})
+    return {"model": name, "source_model": str(model_path), "opset": cfg.opset,
+            "test_images": len(images.labels), "parity_images": len(images.parity),
+            "parity_batches": [1, cfg.parity_batch], "checkpoint_top1": loaded.meta["top1"],
+            "torch_top1": torch_top1, "int8_top1_drop_points": drop,
+            "simplify": simplify_report.as_dict(), "files": files,
+            "quantize": as_dict(cfg.quantize), "runtime": as_dict(cfg.runtime)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--name", required=True, help="model name, e.g. teacher")
+    parser.add_argument("--model", type=Path, help="model file (default models/<name>.pt)")
+    parser.add_argument("--data", type=Path, default=Path("data/prepared.npz"))
+    parser.add_argument("--out-dir", type=Path, default=Path("artifacts"))
+    parser.add_argument("--metrics", type=Path, help="default metrics/export_<name>.json")
+    args = parser.parse_args()
+    model = args.model or Path("models") / f"{args.name}.pt"
+    metrics = args.metrics or Path("metrics") / f"export_{args.name}.json"
+
+    def body() -> None:
+        for chatty in ("onnxscript", "onnx_ir"):  # the exporter's passes log every rewrite at INFO
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        params = load_params(args.params)
+        set_threads(params.common.threads)
+        write_json(metrics, run(params.export, model, args.data, args.out_dir, args.name))
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

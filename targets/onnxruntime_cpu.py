@@ -1,0 +1,141 @@
+"""ONNX Runtime with its CPU execution provider: runs every ONNX precision we ship.
+
+`build` loads the ONNX file with the configured session options and saves the graph ONNX Runtime
+will actually run (SessionOptions.optimized_model_filepath) as the artifact. At optimisation
+level "all" that graph holds NCHWc layout ops for this CPU's vector width, so an artifact belongs
+to the machine that built it (ONNX Runtime warns about this when it saves one); ship the .onnx.
+Requested execution providers are checked twice - before the session (installed?) and after it
+(kept?) - because ONNX Runtime drops a provider that fails to start with only a log warning.
+"""
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.config import OnnxRuntimeCpuConfig
+from pipeline.errors import BuildError, TargetUnavailable
+from targets.base import Runner, Target, TensorSpec
+from targets.torch_eager import FeedError, check_feeds
+
+GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def tensor_specs(args: list[Any]) -> tuple[TensorSpec, ...]:
+    """ONNX Runtime NodeArgs as TensorSpecs (symbolic or unknown axes stay str/None)."""
+    specs = []
+    for arg in args:
+        if arg.type not in ORT_DTYPES:
+            raise BuildError(f"tensor {arg.name!r} has type {arg.type}; this runner feeds only "
+                             f"{sorted(ORT_DTYPES)}")
+        specs.append(TensorSpec(arg.name, np.dtype(ORT_DTYPES[arg.type]), tuple(arg.shape)))
+    return tuple(specs)
+
+
+class OnnxRuntimeRunner(Runner):
+    """One InferenceSession; `infer` checks names, dtypes and fixed dims before it runs."""
+
+    def __init__(self, session: Any, source: Path) -> None:
+        self._session = session
+        self.source = source
+        self._inputs = tensor_specs(session.get_inputs())
+        self._output_names = [arg.name for arg in session.get_outputs()]
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise BuildError(f"runner for {self.source} is closed")
+        not_arrays = [name for name, value in feeds.items() if not isinstance(value, np.ndarray)]
+        if not_arrays:
+            raise FeedError(f"inputs {not_arrays} are not numpy arrays; expected np.ndarray")
+        check_feeds(self._inputs, feeds)
+        outputs = self._session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, outputs, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OnnxRuntimeCpuTarget(Target):
+    """ONNX Runtime, CPU provider; session settings from params (OnnxRuntimeCpuConfig)."""
+
+    name: ClassVar[str] = "onnxruntime-cpu"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    dynamic_batch: ClassVar[bool] = True
+
+    def __init__(self, settings: OnnxRuntimeCpuConfig) -> None:
+        self.settings = settings
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime
+        except ImportError as err:
+            return False, f"onnxruntime is not importable ({err})"
+        present = onnxruntime.get_available_providers()
+        missing = [p for p in self.settings.providers if p not in present]
+        if missing:
+            return False, (f"execution provider(s) {missing} requested but not in this "
+                           f"onnxruntime {onnxruntime.__version__} build (has {present})")
+        return True, ""
+
+    def _session_options(self, optimized_path: Path | None) -> Any:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        level = GRAPH_LEVELS[self.settings.graph_optimization]
+        options.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, level)
+        options.intra_op_num_threads = self.settings.intra_op_threads
+        options.inter_op_num_threads = self.settings.inter_op_threads
+        if optimized_path is not None:
+            options.optimized_model_filepath = str(optimized_path)
+        return options
+
+    def _session(self, model_path: Path, optimized_path: Path | None = None) -> Any:
+        import onnxruntime
+
+        self.require_available()
+        if not model_path.is_file():
+            raise BuildError(f"{model_path}: ONNX file not found")
+        requested = list(self.settings.providers)
+        try:
+            session = onnxruntime.InferenceSession(
+                str(model_path), self._session_options(optimized_path), providers=requested)
+        except Exception as err:  # noqa: BLE001 - pybind raises Fail/InvalidGraph/... types
+            raise BuildError(f"{model_path}: ONNX Runtime cannot load it: "
+                             f"{type(err).__name__}: {err}") from err
+        dropped = [p for p in requested if p not in session.get_providers()]
+        if dropped:
+            raise TargetUnavailable(f"ONNX Runtime dropped execution provider(s) {dropped} for "
+                                    f"{model_path} (kept {session.get_providers()}); expected "
+                                    f"all of {requested}")
+        return session
+
+    def build(self, onnx_path: Path, out_dir: Path) -> Path:
+        """Save ONNX Runtime's optimised graph as `<out_dir>/<stem>.onnxruntime-cpu.onnx`."""
+        onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+        artifact = out_dir / f"{onnx_path.stem}.{self.name}.onnx"
+        tmp = artifact.with_name(artifact.name + ".tmp")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        self._session(onnx_path, optimized_path=tmp)
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise BuildError(f"ONNX Runtime wrote no optimised model for {onnx_path} "
+                             f"(expected {tmp})")
+        tmp.replace(artifact)
+        return artifact
+
+    def load(self, artifact: Path) -> OnnxRuntimeRunner:
+        """A runner for a built artifact or directly for any .onnx file."""
+        artifact = Path(artifact)
+        return OnnxRuntimeRunner(self._session(artifact), artifact)

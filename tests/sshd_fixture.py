@@ -1,0 +1,151 @@
+"""Fixtures shared by the benchmark tests: a tiny model file, its ONNX export, and a throw-away
+OpenSSH server on 127.0.0.1 (own host key, own user key, own known_hosts) to act as an edge device.
+
+The server runs in the foreground (`sshd -D`) from a config in a temp folder and is stopped by
+its process id. Tests that need it skip, with the reason, when sshd is absent or cannot start.
+"""
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import save_model
+from pipeline.models import build_model
+
+SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+TINY_SPEC = {"arch": "resnet20", "num_classes": 10, "base_width": 4}
+
+
+def tiny_checkpoint(path: Path, base_width: int = 4, seed: int = 0) -> Path:
+    """A ResNet20 with `base_width` channels, random weights, saved as a model file."""
+    torch.manual_seed(seed)
+    spec = {**TINY_SPEC, "base_width": base_width}
+    model = build_model(spec).eval()
+    meta = {"classes": [f"c{i}" for i in range(10)], "mean": [0.5, 0.5, 0.5],
+            "std": [0.25, 0.25, 0.25], "input_shape": [3, 32, 32]}
+    save_model(path, model, spec, meta)
+    return path
+
+
+def tiny_onnx(checkpoint: Path, path: Path) -> Path:
+    """The checkpoint's model as ONNX with a dynamic batch axis (input 'input', output 'logits')."""
+    import warnings
+
+    from pipeline.checkpoint import load_model
+
+    model = load_model(checkpoint).model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+@dataclass(frozen=True)
+class Sshd:
+    host: str  # user@127.0.0.1
+    port: int
+    key_file: Path
+    known_hosts: Path
+    folder: Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+def _write_config(folder: Path, port: int) -> Path:
+    config = folder / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {folder / 'host_key'}",
+        f"PidFile {folder / 'sshd.pid'}", f"AuthorizedKeysFile {folder / 'authorized_keys'}",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
+        "PermitRootLogin prohibit-password", "StrictModes no", "LogLevel ERROR",
+        "Subsystem sftp internal-sftp", ""]))  # scp copies over SFTP
+    return config
+
+
+def _wait_until_listening(port: int, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"sshd exited: {process.stderr.read().decode().strip()}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"sshd did not listen on port {port} within {seconds} s")
+
+
+def start_sshd(folder: Path) -> tuple[Sshd, subprocess.Popen]:
+    """Start sshd for the current user; pytest.skip with the reason when it cannot run."""
+    sshd = next((p for p in SSHD_CANDIDATES if Path(p).is_file()), shutil.which("sshd"))
+    if sshd is None or shutil.which("ssh-keygen") is None or shutil.which("ssh") is None:
+        pytest.skip("OpenSSH server/client not installed (apt-get install openssh-server "
+                    "openssh-client)")
+    if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
+        try:  # sshd running as root insists on its privilege-separation folder
+            Path("/run/sshd").mkdir(mode=0o755, parents=True)
+        except OSError as err:
+            pytest.skip(f"sshd needs /run/sshd and it cannot be made: {err}")
+    folder.mkdir(parents=True, exist_ok=True)
+    _keygen(folder / "host_key")
+    _keygen(folder / "user_key")
+    shutil.copy(folder / "user_key.pub", folder / "authorized_keys")
+    port = free_port()
+    config = _write_config(folder, port)
+    host_public = (folder / "host_key.pub").read_text().split()[:2]
+    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_public)}\n")
+    process = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    try:
+        _wait_until_listening(port, process, seconds=10)
+    except RuntimeError as err:
+        stop_sshd(process)
+        pytest.skip(f"sshd could not start: {err}")
+    server = Sshd(f"{getpass.getuser()}@127.0.0.1", port, folder / "user_key",
+                  folder / "known_hosts", folder)
+    return server, process
+
+
+def stop_sshd(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def settings_for(server: Sshd, **overrides):
+    """SshSettings for the test server, with this venv's Python as the device's Python."""
+    from targets.ssh import SshSettings
+
+    values = dict(host=server.host, port=server.port, key_file=str(server.key_file),
+                  known_hosts=str(server.known_hosts), ssh_config="none",
+                  remote_python=(sys.executable,), remote_tmp=str(server.folder),
+                  connect_timeout_s=5.0, command_timeout_s=60.0, threads=1)
+    return SshSettings(**(values | overrides))
+
+
+def serve_sshd(tmp_path_factory):
+    """Body of a module-scoped `sshd_server` fixture: a running server, stopped afterwards."""
+    server, process = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    stop_sshd(process)

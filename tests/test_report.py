@@ -1,0 +1,112 @@
+"""The comparison report on fixed rows: table cells, speedups, generated findings, charts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ReportConfig
+from pipeline.report import (
+    ReportError,
+    ReportSettings,
+    load_rows,
+    markdown_table,
+    pruning_findings,
+    sort_rows,
+    write_report,
+)
+from stages.report import run
+
+SETTINGS = ReportSettings("teacher", "student_dense", "student_final", 1.1)
+MODELS = ("teacher", "student_dense", "student_final")
+MACS = {"teacher": 120e6, "student_dense": 40e6, "student_final": 20e6}
+PROV = {"cpu_model": "Test CPU", "cpu_cores": 2, "threads": 2, "gpu": None,
+        "git_revision": "abc123", "timestamp": "2026-01-01T00:00:00+00:00", "device": None}
+
+
+def row(model, target, precision, batch, p50=None, top1=None, status="ok", reason=""):
+    return {"model": model, "target": target, "precision": precision, "batch_size": batch,
+            "status": status, "reason": reason, "top1": top1, "p50_ms": p50,
+            "p99_ms": None if p50 is None else 1.5 * p50,
+            "images_per_s": None if p50 is None else 1e3 * batch / p50, "macs": MACS[model],
+            "size_mb": MACS[model] / 1e8, "provenance": PROV}
+
+
+ROWS = [
+    # onnxruntime: the pruned student is 1.5x faster than the dense one (MACs predict 2x)
+    row("teacher", "onnxruntime-cpu", "fp32", 1, 6.0, 0.93),
+    row("student_dense", "onnxruntime-cpu", "fp32", 1, 3.0, 0.91),
+    row("student_final", "onnxruntime-cpu", "fp32", 1, 2.0, 0.915),
+    # torch: pruning made it slower
+    row("teacher", "torch-cpu", "fp32", 1, 8.0, 0.93),
+    row("student_dense", "torch-cpu", "fp32", 1, 4.0, 0.91),
+    row("student_final", "torch-cpu", "fp32", 1, 5.0, 0.915),
+    row("student_final", "torch-cuda", "fp32", 1, status="skipped",
+        reason="no CUDA device visible to PyTorch"),
+    row("student_final", "ssh-onnxruntime", "int8", 1, status="failed",
+        reason="SshError: cannot reach pi@10.0.0.2:22\nover ssh"),
+]
+
+
+def test_table_has_speedups_against_the_teacher_and_notes():
+    table = markdown_table(sort_rows(ROWS, MODELS), "teacher")
+    assert ("| student_final | onnxruntime-cpu | fp32 | 1 | ok | 0.20 | 91.50 | 2.000 | 3.000 | "
+            "500 | 3.00x | 6.00x |") in table
+    assert "| teacher | torch-cpu | fp32 | 1 | ok | 1.20 | 93.00 | 8.000 | 12.000 | 125 | 1.00x" \
+        in table
+    assert "| student_final | torch-cuda | fp32 | 1 | skipped [2] | 0.20 | — | — |" in table
+    assert "[1] SshError: cannot reach pi@10.0.0.2:22 over ssh" in table  # made one line
+    assert "[2] no CUDA device visible to PyTorch" in table
+
+
+def test_findings_say_where_pruning_paid_off_and_where_not():
+    sentences = pruning_findings(ROWS, SETTINGS)
+    assert sentences[0] == ("Pruning paid off (student_final at least 1.10x faster than "
+                            "student_dense) on onnxruntime-cpu fp32 batch 1 (1.50x measured vs "
+                            "2.00x predicted by MACs).")
+    assert sentences[1] == ("It did not pay off on torch-cpu fp32 batch 1 (0.80x measured vs 2.00x "
+                            "predicted by MACs); student_final was even slower on torch-cpu fp32 "
+                            "batch 1.")
+    # realised: 1.5 / 2.0 and 0.8 / 2.0 -> median 0.575, printed as 57% (0.575 is 0.57499...)
+    assert sentences[2] == ("Across the 2 comparable configurations, the measured speedup was a "
+                            "median 57% of what the MACs reduction predicts.")
+
+
+def test_no_comparable_rows_is_said_plainly():
+    (sentence,) = pruning_findings(ROWS[:1], SETTINGS)
+    assert "cannot be said" in sentence
+
+
+def test_stage_writes_report_and_charts(tmp_path):
+    files = []
+    for target in ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "ssh-onnxruntime"):
+        path = tmp_path / f"bench_{target}.json"
+        results = {f"{r['model']}/{r['precision']}/b{r['batch_size']}": r
+                   for r in ROWS if r["target"] == target}
+        path.write_text(json.dumps({"target": target, "results": results}))
+        files.append(path)
+    cfg = ReportConfig(baseline_model="teacher", dense_model="student_dense",
+                       pruned_model="student_final", paid_off_speedup=1.1)
+    paths = run(cfg, MODELS, files, tmp_path / "reports")
+    text = paths["report"].read_text()
+    assert text.startswith("# Benchmark report")
+    assert "Pruning paid off" in text and "![latency per target](latency.png)" in text
+    assert "Skipped (not available where the benchmark ran): torch-cuda." in text
+    assert "- onnxruntime-cpu: Test CPU (2 cores, 2 threads); git abc123" in text
+    for name in ("latency", "accuracy"):
+        data = Path(paths[name]).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not list((tmp_path / "reports").glob("*.tmp"))
+
+
+def test_only_skipped_rows_still_make_a_report(tmp_path):
+    paths = write_report(ROWS[6:], SETTINGS, MODELS, tmp_path)
+    assert "cannot be said" in paths["report"].read_text()
+    assert paths["accuracy"].stat().st_size > 0
+
+
+def test_bad_inputs_are_report_errors(tmp_path):
+    with pytest.raises(ReportError, match="not a benchmark results file"):
+        load_rows([tmp_path / "missing.json"])
+    with pytest.raises(ReportError, match="no benchmark rows"):
+        write_report([], SETTINGS, MODELS, tmp_path)

@@ -1,0 +1,240 @@
+"""The SSH edge target: settings checks, an unreachable host, and (marked `edge`) a real sshd
+on 127.0.0.1 standing in for the device, with this venv's Python as the device's Python."""
+
+import json
+import shutil
+import stat
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+from sshd_fixture import free_port, serve_sshd, settings_for, tiny_checkpoint, tiny_onnx
+
+from pipeline.errors import TargetUnavailable
+from pipeline.timing import TimingPlan, run_plan
+from targets import remote_runner
+from targets.ssh import (
+    SshClient,
+    SshError,
+    SshOnnxRuntimeTarget,
+    SshSettings,
+    SshTensorRtTarget,
+    UnsupportedOperation,
+    precision_of,
+)
+
+NEEDS_SSH_CLIENT = pytest.mark.skipif(
+    shutil.which("ssh") is None or shutil.which("scp") is None,
+    reason="OpenSSH client not installed (apt-get install openssh-client)")
+PLAN = TimingPlan(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
+
+
+@pytest.fixture(scope="module")
+def sshd_server(tmp_path_factory):
+    yield from serve_sshd(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    return tiny_onnx(tiny_checkpoint(folder / "m.pt"), folder / "m.sim.onnx")
+
+
+def images(count: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((count, 3, 32, 32)).astype(np.float32)
+
+
+def local_logits(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
+    return onnxruntime.InferenceSession(str(onnx_path)).run(None, {"input": batch})[0]
+
+
+# --- without a server ---
+
+@NEEDS_SSH_CLIENT
+def test_availability_names_what_is_missing(tmp_path):
+    ok, reason = SshOnnxRuntimeTarget(SshSettings(host="")).available()
+    assert not ok and reason.startswith("no edge device configured (empty ssh host")
+    ok, reason = SshOnnxRuntimeTarget(SshSettings(host="a@b", known_hosts=str(tmp_path / "kh"))
+                                      ).available()
+    assert not ok and "known_hosts" in reason and "never accepted unverified" in reason
+    (tmp_path / "kh").write_text("")
+    ok, reason = SshOnnxRuntimeTarget(SshSettings(host="a@b", known_hosts=str(tmp_path / "kh"),
+                                                  key_file=str(tmp_path / "nokey"))).available()
+    assert not ok and "nokey" in reason
+    assert SshTensorRtTarget(SshSettings(host="a@b", known_hosts=str(tmp_path / "kh"))
+                             ).available() == (True, "")
+
+
+@NEEDS_SSH_CLIENT
+def test_unreachable_host_fails_fast_with_a_clear_message(tmp_path, onnx_file):
+    (tmp_path / "known_hosts").write_text("")
+    settings = SshSettings(host="nobody@127.0.0.1", port=free_port(), ssh_config="none",
+                           known_hosts=str(tmp_path / "known_hosts"), connect_timeout_s=3.0,
+                           command_timeout_s=10.0)
+    started = time.monotonic()
+    with pytest.raises(SshError, match=r"cannot reach nobody@127\.0\.0\.1:\d+ over ssh: .*refused"):
+        SshOnnxRuntimeTarget(settings).load(onnx_file)
+    assert time.monotonic() - started < settings.command_timeout_s
+
+
+def test_precision_from_artifact_name():
+    assert precision_of(Path("a/m.int8.onnx")) == "int8"
+    assert precision_of(Path("m.fp16.onnx")) == "fp16"
+    assert precision_of(Path("m.sim.onnx")) == precision_of(Path("m.onnx")) == "fp32"
+
+
+def test_remote_runner_times_with_the_same_rule_as_the_pipeline():
+    def fake(step):
+        state = {"now": 0.0}
+
+        def clock():
+            return state["now"]
+
+        def call():
+            state["now"] += step
+            return step
+
+        return clock, call
+
+    plan = TimingPlan(warmup_iters=3, warmup_seconds=0.25, min_iters=4, min_seconds=0.75)
+    clock, call = fake(0.125)  # exact in binary floating point
+    local = run_plan(call, plan, clock)
+    clock, call = fake(0.125)
+    remote = remote_runner.run_plan(call, plan.__dict__, clock)
+    assert remote == local and len(local) == 6
+
+
+def test_remote_runner_commands_in_process(tmp_path, onnx_file, capsys):
+    batch = images(5)
+    np.savez(tmp_path / "feeds.npz", input=batch)
+    np.savez(tmp_path / "images.npz", images=batch)
+    plan = json.dumps(PLAN.__dict__)
+    assert remote_runner.main(["bench", "--model", str(onnx_file), "--feeds",
+                               str(tmp_path / "feeds.npz"), "--plan", plan]) == 0
+    assert remote_runner.main(["predict", "--model", str(onnx_file), "--images",
+                               str(tmp_path / "images.npz"), "--batch", "2"]) == 0
+    lines = [json.loads(ln.split(" ", 1)[1]) for ln in capsys.readouterr().out.splitlines()]
+    assert len(lines[0]["samples_s"]) == 3
+    assert lines[1]["labels"] == local_logits(onnx_file, batch).argmax(1).tolist()
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_remote_runner_refuses_a_provider_fallback(onnx_file, capsys):
+    status = remote_runner.main(["probe"])
+    assert status == 0
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA provider present: no fallback to provoke")
+    status = remote_runner.main(["predict", "--model", str(onnx_file), "--images", "x.npz",
+                                 "--providers", "CUDAExecutionProvider"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1].split(" ", 1)[1])
+    assert status == 3 and "requested execution provider CUDAExecutionProvider" in result["error"]
+
+
+# --- through a real sshd ---
+
+def leftover_folders(server) -> list[Path]:
+    return sorted(server.folder.glob("prune-deploy.*"))
+
+
+@pytest.mark.edge
+def test_onnxruntime_over_ssh_matches_local_and_cleans_up(sshd_server, onnx_file):
+    target = SshOnnxRuntimeTarget(settings_for(sshd_server))
+    assert target.available() == (True, "")
+    batch = images(4)
+    with target.load(target.build(onnx_file, Path("unused"))) as runner:
+        assert leftover_folders(sshd_server), "the model was not copied to a temp folder"
+        assert runner.device_info["onnxruntime"] == onnxruntime.__version__
+        assert runner.inputs[0].name == "input" and runner.inputs[0].shape[1:] == (3, 32, 32)
+        np.testing.assert_allclose(runner.infer({"input": batch})["logits"],
+                                   local_logits(onnx_file, batch), rtol=1e-5, atol=1e-6)
+        stats = runner.benchmark({"input": batch}, PLAN)
+        assert stats.n == 3 and stats.batch_size == 4 and stats.p50_ms > 0
+        labels = runner.predict_classes(images(7), batch_size=3)
+        assert labels.tolist() == local_logits(onnx_file, images(7)).argmax(1).tolist()
+    assert leftover_folders(sshd_server) == []
+
+
+@pytest.mark.edge
+def test_remote_words_are_quoted_not_interpreted(sshd_server):
+    client = SshClient(settings_for(sshd_server))
+    words = ["a; echo injected", "$HOME", "`id`", "it's"]
+    assert client.run(["printf", "%s\\n", *words], "echo").splitlines() == words
+
+
+@pytest.mark.edge
+def test_command_timeout_is_a_clear_failure(sshd_server):
+    client = SshClient(settings_for(sshd_server))
+    started = time.monotonic()
+    with pytest.raises(SshError, match=r"sleeping on \S+@127\.0\.0\.1:\d+ timed out after 1 s"):
+        client.run(["sleep", "20"], "sleeping", timeout=1)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.edge
+def test_changed_host_key_is_refused(sshd_server, tmp_path, onnx_file):
+    other = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{sshd_server.port} ssh-ed25519 {other}\n")
+    settings = settings_for(sshd_server, known_hosts=str(tmp_path / "known_hosts"))
+    with pytest.raises(SshError, match="Host key verification failed|HOST IDENTIFICATION"):
+        SshOnnxRuntimeTarget(settings).load(onnx_file)
+
+
+@pytest.mark.edge
+def test_device_without_onnxruntime_is_unavailable(sshd_server, onnx_file):
+    # `python -S` skips site-packages: numpy and onnxruntime cannot be imported on the "device".
+    settings = settings_for(sshd_server, remote_python=(sys.executable, "-S"))
+    with pytest.raises(TargetUnavailable, match="cannot import numpy on the device"):
+        SshOnnxRuntimeTarget(settings).load(onnx_file)
+    assert leftover_folders(sshd_server) == []
+
+
+@pytest.mark.edge
+def test_device_without_trtexec_is_unavailable(sshd_server, onnx_file):
+    settings = settings_for(sshd_server, trtexec="/nonexistent/trtexec")
+    with pytest.raises(TargetUnavailable, match="not found on the device"):
+        SshTensorRtTarget(settings).load(onnx_file)
+
+
+FAKE_TRTEXEC = """#!/bin/sh
+# Stands in for TensorRT's trtexec: writes a fixed --exportTimes file, prints a banner.
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec $*"
+echo "[I] Selected Device: Fake GPU"
+echo "[I] Compute Capability: 8.7"
+for arg in "$@"; do
+  case "$arg" in --exportTimes=*) out="${arg#--exportTimes=}";; esac
+  echo "$arg" >> "$(dirname "$0")/trtexec_args.txt"
+done
+cat > "$out" <<'JSON'
+[
+  { "startComputeMs" : 1.0, "h2dMs" : 0.5, "computeMs" : 9.0, "d2hMs" : 0.5 },
+  { "startComputeMs" : 20.0, "h2dMs" : 0.1, "computeMs" : 2.0, "d2hMs" : 0.2 },
+  { "startComputeMs" : 23.0, "h2dMs" : 0.1, "computeMs" : 3.0, "d2hMs" : 0.2 }
+]
+JSON
+"""
+
+
+@pytest.mark.edge
+def test_trtexec_over_ssh_parses_times_and_device(sshd_server, onnx_file, tmp_path):
+    fake = sshd_server.folder / "fake_trtexec"
+    fake.write_text(FAKE_TRTEXEC)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    plan = TimingPlan(warmup_iters=1, warmup_seconds=0.01, min_iters=2, min_seconds=0.0)
+    int8 = tmp_path / "m.int8.onnx"
+    int8.write_bytes(onnx_file.read_bytes())
+    target = SshTensorRtTarget(settings_for(sshd_server, trtexec=str(fake)))
+    with target.load(int8) as runner:
+        stats = runner.benchmark({"input": images(2)}, plan)
+        with pytest.raises(UnsupportedOperation, match="ssh-onnxruntime"):
+            runner.infer({"input": images(2)})
+        assert runner.device_info["tensorrt"] == "10.3.0"
+        assert runner.device_info["gpu"] == "Fake GPU"
+    assert stats.n == 2 and stats.clock == "trtexec"  # the 1 ms warm-up entry is dropped
+    assert stats.p50_ms == pytest.approx((2.3 + 3.3) / 2)
+    assert stats.phase_p50_ms["compute"] == pytest.approx(2.5)
+    args = (sshd_server.folder / "trtexec_args.txt").read_text().splitlines()
+    assert "--int8" in args and "--shapes=input:2x3x32x32" in args and "--warmUp=10" in args
+    assert leftover_folders(sshd_server) == []

@@ -1,0 +1,167 @@
+"""The export stage end to end on a tiny ResNet20 and synthetic data (512 train, 64 test)."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import stages.export as export_stage
+from pipeline.cards import card_path, load_verified_onnx
+from pipeline.checkpoint import save_model
+from pipeline.config import ExportConfig, OnnxRuntimeCpuConfig, ParityTolerance, QuantizeConfig
+from pipeline.data import make_synthetic, save_prepared
+from pipeline.errors import DataError, ParityError
+from pipeline.flops import model_cost
+from pipeline.models import build_model
+from pipeline.parity import FP32_TOLERANCE
+
+SUFFIXES = {"onnx": ".onnx", "sim": ".sim.onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}
+SPEC = {"arch": "resnet20", "num_classes": 4, "base_width": 4}
+
+
+def export_config(**overrides) -> ExportConfig:
+    values = dict(
+        opset=18, simplifier="onnxsim", parity_images=64, parity_batch=64, eval_batch=32,
+        fp16=ParityTolerance(max_rel_diff=1e-2, min_top1_agreement=0.95),
+        int8=ParityTolerance(max_rel_diff=0.25, min_top1_agreement=0.8),
+        quantize=QuantizeConfig(calibration_images=512, calibration_batch=128,
+                                calibration_method="percentile", activation_type="uint8",
+                                reduce_range=True, max_top1_drop=25.0),
+        runtime=OnnxRuntimeCpuConfig(graph_optimization="all", intra_op_threads=1,
+                                     inter_op_threads=1, providers=("CPUExecutionProvider",)))
+    return ExportConfig(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    dataset = make_synthetic(512, 64, 4, seed=0)
+    save_prepared(dataset, root / "data" / "prepared.npz")
+    torch.manual_seed(0)
+    model = build_model(SPEC).eval()
+    cost = model_cost(model)
+    meta = {"classes": list(dataset.classes), "mean": list(dataset.mean),
+            "std": list(dataset.std), "input_shape": [3, 32, 32], "dataset": dataset.name,
+            "params": cost.params, "macs": cost.macs, "top1": 0.25}
+    save_model(root / "models" / "student_final.pt", model, SPEC, meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def result(workspace) -> dict:
+    return export_stage.run(export_config(), workspace / "models" / "student_final.pt",
+                            workspace / "data" / "prepared.npz", workspace / "artifacts")
+
+
+def test_every_file_is_written_with_a_card_that_verifies(workspace, result):
+    precisions = {"onnx": "fp32", "sim": "fp32", "fp16": "fp16", "int8": "int8"}
+    for variant, suffix in SUFFIXES.items():
+        path = workspace / "artifacts" / f"student_final{suffix}"
+        verified = load_verified_onnx(path)
+        assert verified.card["precision"] == precisions[variant]
+        assert verified.card["model"] == "student_final" and verified.card["opset"] == 18
+        assert verified.card["metrics"]["onnxruntime_top1"] == result["files"][variant]["top1"]
+        assert card_path(path).name == f"student_final{suffix.removesuffix('.onnx')}.card.json"
+
+
+def test_metrics_hold_parity_node_counts_sizes_and_accuracy(result):
+    assert result["model"] == "student_final" and result["parity_batches"] == [1, 64]
+    assert result["simplify"]["nodes_before"] == result["files"]["onnx"]["nodes"] == 58
+    assert result["simplify"]["nodes_after"] == result["files"]["sim"]["nodes"] == 56
+    for variant, entry in result["files"].items():
+        assert entry["size_bytes"] > 0 and 0 <= entry["top1"] <= 1
+        gates = {"vs_torch_b1", "vs_torch_b64", "batch_consistency"}
+        assert gates <= set(entry["parity"]), variant
+        assert entry["parity"]["vs_torch_b1"]["images"] == 64
+    for variant in ("onnx", "sim"):
+        for gate in result["files"][variant]["parity"].values():
+            assert gate["rel_diff"] <= 1e-4 and gate["top1_agreement"] == 1.0
+    assert result["files"]["sim"]["parity"]["vs_onnx_b64"]["rel_diff"] <= 1e-4
+    assert result["files"]["fp16"]["size_bytes"] < result["files"]["sim"]["size_bytes"]
+    assert result["int8_top1_drop_points"] == pytest.approx(
+        100 * (result["files"]["sim"]["top1"] - result["files"]["int8"]["top1"]))
+    assert json.loads(json.dumps(result)) == result  # plain JSON for metrics/export_<m>.json
+
+
+@pytest.mark.parametrize("variant", list(SUFFIXES))
+def test_each_file_gives_the_same_per_sample_results_at_batch_1_and_64(workspace, result,
+                                                                      variant):
+    session = ort.InferenceSession(str(workspace / "artifacts" / f"student_final"
+                                       f"{SUFFIXES[variant]}"),
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    together = session.run(["logits"], {"input": x})[0]
+    alone = np.concatenate([session.run(["logits"], {"input": x[i:i + 1]})[0]
+                            for i in range(64)])
+    scale = np.abs(together).max()
+    assert np.abs(alone - together).max() / scale <= 1e-4
+    assert (alone.argmax(1) == together.argmax(1)).all()
+
+
+@pytest.mark.slow  # a second full export (~10 s on 2 cores)
+def test_a_failed_gate_stops_the_stage_before_any_card(workspace, tmp_path):
+    strict_fp16 = export_config(fp16=ParityTolerance(max_rel_diff=1e-7, min_top1_agreement=1.0))
+    with pytest.raises(ParityError, match=r"student_final.fp16.onnx vs torch at batch 1 on 64 "
+                                          r"images: relative diff .* exceeds the allowed "
+                                          r"1\.000e-07"):
+        export_stage.run(strict_fp16, workspace / "models" / "student_final.pt",
+                         workspace / "data" / "prepared.npz", tmp_path)
+    assert (tmp_path / "student_final.fp16.onnx").is_file()
+    assert not list(tmp_path.glob("*.card.json"))
+
+
+def test_batch_consistency_gate_fails_on_batch_dependent_results():
+    together = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    alone = together.copy()
+    alone[7] += 0.5  # one sample changes when it runs alone
+    with pytest.raises(ParityError, match=r"m.onnx vs m.onnx@batch64 at batch 1"):
+        export_stage.consistency_gate("m.onnx", {1: alone, 64: together}, FP32_TOLERANCE)
+    passed = export_stage.consistency_gate("m.onnx", {1: together, 64: together}, FP32_TOLERANCE)
+    assert passed["batch_consistency"]["rel_diff"] == 0.0
+
+
+def test_too_few_training_images_for_calibration(workspace, tmp_path):
+    config = export_config(quantize=QuantizeConfig(
+        calibration_images=1024, calibration_batch=128, calibration_method="minmax",
+        activation_type="uint8", reduce_range=False, max_top1_drop=1.0))
+    with pytest.raises(DataError, match="calibration needs 1024 training images .* has 512"):
+        export_stage.run(config, workspace / "models" / "student_final.pt",
+                         workspace / "data" / "prepared.npz", tmp_path)
+
+
+def test_dataset_with_other_classes_is_refused(workspace, tmp_path):
+    save_prepared(make_synthetic(512, 8, 3, seed=0), tmp_path / "other.npz")
+    with pytest.raises(DataError, match="expected the same"):
+        export_stage.run(export_config(), workspace / "models" / "student_final.pt",
+                         tmp_path / "other.npz", tmp_path)
+
+
+def test_parity_images_must_cover_the_large_batch():
+    with pytest.raises(ValueError, match="parity_images=32 must be >= parity_batch=64"):
+        export_config(parity_images=32)
+
+
+def test_main_passes_paths_and_writes_the_metrics_file(tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_run(cfg, model_path, dataset_path, out_dir, name):
+        calls.update(cfg=cfg, model=model_path, data=dataset_path, out=out_dir, name=name)
+        return {"model": name}
+
+    config = export_config()
+    params = SimpleNamespace(export=config, common=SimpleNamespace(threads=1))
+    monkeypatch.setattr(export_stage, "load_params", lambda path: params)
+    monkeypatch.setattr(export_stage, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["export", "--name", "teacher"])
+    export_stage.main()
+    assert calls == {"cfg": config, "model": Path("models/teacher.pt"),
+                     "data": Path("data/prepared.npz"), "out": Path("artifacts"),
+                     "name": "teacher"}
+    assert json.loads((tmp_path / "metrics" / "export_teacher.json").read_text()) == {
+        "model": "teacher"}
