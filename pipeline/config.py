@@ -285,6 +285,9 @@ class Params:
     distill_prune: DistillPruneConfig
     slim: SlimConfig
     finetune: TrainConfig
+    export: ExportConfig  # ONNX export, simplification, FP16/INT8 variants and parity gates
+    benchmark: BenchmarkConfig  # latency and accuracy per target
+    report: ReportConfig  # the comparison report
 
     @model_validator(mode="after")
     def _dense_student_gets_the_same_epoch_budget(self):

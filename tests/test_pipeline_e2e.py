@@ -78,6 +78,38 @@ def test_smoke_repro_runs_pdd_slim_and_finetune(smoke_repo):
         1 - slim["macs_after"] / slim["macs_before"])
 
 
+MODELS = ("teacher", "student_dense", "student_final")
+
+
+def test_smoke_repro_exports_every_model_behind_parity_gates(smoke_repo):
+    for model in MODELS:
+        for variant in ("", ".sim", ".fp16", ".int8"):
+            assert (smoke_repo / "artifacts" / f"{model}{variant}.onnx").is_file()
+            assert (smoke_repo / "artifacts" / f"{model}{variant}.card.json").is_file()
+        assert (smoke_repo / "metrics" / f"export_{model}.json").is_file()
+
+
+def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
+    rows = [row for path in sorted((smoke_repo / "metrics").glob("bench_*.json"))
+            for row in json.loads(path.read_text())["results"].values()]
+    by_target = {row["target"]: row for row in rows}
+    assert by_target["onnxruntime-cpu"]["status"] == "ok"
+    assert by_target["torch-cpu"]["status"] == "ok"
+    if not torch_cuda_available():
+        assert by_target["torch-cuda"]["status"] == "skipped" and by_target["torch-cuda"]["reason"]
+    assert {row["model"] for row in rows} == set(MODELS)
+    report = (smoke_repo / "reports" / "report.md").read_text()
+    assert "| student_final | onnxruntime-cpu | int8 |" in report
+    for png in ("latency.png", "accuracy_vs_latency.png"):
+        assert (smoke_repo / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_second_repro_does_nothing_and_says_so(smoke_repo):
     before = snapshot(smoke_repo)
     again = dvc(smoke_repo, "repro")
@@ -88,8 +120,11 @@ def test_second_repro_does_nothing_and_says_so(smoke_repo):
 
 @pytest.mark.parametrize(
     ("old", "new", "key"),
-    [("  lr: 0.1\n", "  lr: -0.1\n", "train_teacher.lr"),
-     ("  lr: 0.1\n", "  lr: fast\n", "train_teacher.lr"),
+    # The smoke profile sets the teacher's lr, so that is where a bad one takes effect.
+    [("arch: resnet32, epochs: 2, batch_size: 64, lr: 0.02",
+      "arch: resnet32, epochs: 2, batch_size: 64, lr: -0.02", "train_teacher.lr"),
+     ("arch: resnet32, epochs: 2, batch_size: 64, lr: 0.02",
+      "arch: resnet32, epochs: 2, batch_size: 64, lr: fast", "train_teacher.lr"),
      ("  seed: 0 ", "  seed: 0\n  colour: red ", "common.colour")],
 )
 def test_bad_params_stop_with_the_key_and_touch_nothing(smoke_repo, old, new, key):
