@@ -6,21 +6,20 @@ Writes models/student_gated.pt (student weights + gate logits), metrics/pdd.json
 channels per group, params/MACs before and after, gate flips per epoch), plots/pdd.csv.
 """
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.checkpoint import save_model
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.gates import GatedModel, attach_gates, count_flips, macs_penalty
 from pipeline.io import file_sha256
 from pipeline.models import build_model
 from pipeline.slimming import slim
 from pipeline.students import distillation_loss_fn, load_teacher
 from pipeline.training import TrainingRun, fit, prepare_model
-from stages._cli import run_main
+from stages._cli import params_stage_main
 from stages._common import cost_of, start_stage, training_metrics, write_curves_and_metrics
 
 
@@ -100,10 +99,7 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    run_main(lambda: run(load_params(args.params), Paths()))
+    params_stage_main(__doc__, run, Paths())
 
 
 if __name__ == "__main__":

@@ -4,16 +4,15 @@ Writes models/student_final.pt (same pruned spec as the slimmed model), metrics/
 and plots/finetune.csv.
 """
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.checkpoint import load_model, save_model
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.io import file_sha256
 from pipeline.students import distillation_loss_fn, load_teacher
 from pipeline.training import TrainingRun, evaluate, fit, prepare_model
-from stages._cli import run_main
+from stages._cli import params_stage_main
 from stages._common import cost_of, start_stage, training_metrics, write_curves_and_metrics
 
 
@@ -53,10 +52,7 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    run_main(lambda: run(load_params(args.params), Paths()))
+    params_stage_main(__doc__, run, Paths())
 
 
 if __name__ == "__main__":

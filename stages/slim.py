@@ -7,20 +7,19 @@ replays the pruning on a fresh model. A violation fails the stage before anythin
 Writes models/student_slim.pt and metrics/slim.json.
 """
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.checkpoint import load_model, save_model
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.data import normalize
 from pipeline.errors import ParityError
 from pipeline.io import write_json
 from pipeline.slimming import exactness, layer_widths, slim
 from pipeline.students import load_gated
-from stages._cli import run_main
+from stages._cli import params_stage_main
 from stages._common import cost_of, start_stage
 
 
@@ -69,10 +68,7 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    run_main(lambda: run(load_params(args.params), Paths()))
+    params_stage_main(__doc__, run, Paths())
 
 
 if __name__ == "__main__":

@@ -5,15 +5,14 @@ and plots/train_teacher.csv (per-epoch curves); keeps checkpoints/train_teacher.
 interrupted run resumes from its last completed epoch.
 """
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.checkpoint import save_model
-from pipeline.config import Params, load_params
+from pipeline.config import Params
 from pipeline.models import build_model
 from pipeline.training import TrainingRun, cross_entropy_loss, fit, prepare_model
-from stages._cli import run_main
+from stages._cli import params_stage_main
 from stages._common import cost_of, start_stage, training_metrics, write_curves_and_metrics
 
 
@@ -46,10 +45,7 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    run_main(lambda: run(load_params(args.params), Paths()))
+    params_stage_main(__doc__, run, Paths())
 
 
 if __name__ == "__main__":
