@@ -238,14 +238,21 @@ def accuracy_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> N
     _save_figure(figure, path)
 
 
+def _threads_text(threads: object) -> str:
+    return "runtime's default threads" if threads == 0 else f"{threads} threads"
+
+
 def _provenance_lines(rows: Sequence[dict]) -> list[str]:
+    """Where the measured rows ran; skipped and failed rows measured nothing, so they add none."""
     lines, seen = [], set()
     for row in rows:
+        if row.get("status") != "ok":
+            continue
         prov = row.get("provenance") or {}
         gpu = prov.get("gpu") or {}
         device = prov.get("device") or {}
         line = (f"- {row['target']}: {prov.get('cpu_model')} ({prov.get('cpu_cores')} cores, "
-                f"{prov.get('threads')} threads)"
+                f"{_threads_text(prov.get('threads'))})"
                 + (f", GPU {gpu.get('name')} (cc {gpu.get('compute_capability')}, driver "
                    f"{gpu.get('driver')})" if gpu else "")
                 + (f", device {device.get('ssh_host')}: {device.get('cpu_model')}, onnxruntime "

@@ -93,6 +93,7 @@ def test_stage_writes_report_and_charts(tmp_path):
     assert "Pruning paid off" in text and "![latency per target](latency.png)" in text
     assert "Skipped (not available where the benchmark ran): torch-cuda." in text
     assert "- onnxruntime-cpu: Test CPU (2 cores, 2 threads); git abc123" in text
+    assert "- torch-cuda:" not in text and "- ssh-onnxruntime:" not in text  # measured nothing
     for name in ("latency", "accuracy"):
         data = Path(paths[name]).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -103,6 +104,13 @@ def test_only_skipped_rows_still_make_a_report(tmp_path):
     paths = write_report(ROWS[6:], SETTINGS, MODELS, tmp_path)
     assert "cannot be said" in paths["report"].read_text()
     assert paths["accuracy"].stat().st_size > 0
+
+
+def test_provenance_says_when_the_runtime_chose_its_threads(tmp_path):
+    measured = {**row("teacher", "onnxruntime-cpu", "fp32", 1, 6.0, 0.93),
+                "provenance": {**PROV, "threads": 0}}
+    text = write_report([measured], SETTINGS, MODELS, tmp_path)["report"].read_text()
+    assert "- onnxruntime-cpu: Test CPU (2 cores, runtime's default threads); git abc123" in text
 
 
 def test_bad_inputs_are_report_errors(tmp_path):
