@@ -42,3 +42,7 @@ class TargetUnavailable(PipelineError):
 
 class ArtifactIntegrityError(PipelineError):
     """A shipped artifact does not match its model card (hash, fields) or is not a valid file."""
+
+
+class FeedError(PipelineError):
+    """Inputs given to a runner do not match its input names, dtypes or shapes."""

@@ -50,7 +50,7 @@ class BenchPaths:
                    Path(f"plots/bench_{target_name}.csv"))
 
     def artifact(self, target: Target, model: str, precision: str) -> Path:
-        if getattr(target, "source", "onnx") == "checkpoint":  # PyTorch targets run model files
+        if target.source == "checkpoint":  # PyTorch targets run model files
             return self.models_dir / f"{model}.pt"
         return self.artifacts_dir / f"{model}.{ONNX_SUFFIX[precision]}.onnx"
 
@@ -192,8 +192,8 @@ def measure_artifact(target: Target, artifact: Path, evalset: EvalSet, reference
             rows = []
             for batch in cfg.batch_sizes:
                 fields = benchmark_batch(runner, evalset, batch, timing_plan(cfg))
-                device = dict(getattr(runner, "device_info", None) or {})  # remote runners only
-                rows.append({"batch_size": batch, **measured, **fields, "device": device or None})
+                device = dict(runner.device_info) if runner.device_info else None  # a copy
+                rows.append({"batch_size": batch, **measured, **fields, "device": device})
                 log.info("%s %s b%d: %s %s", artifact.name, target.name, batch, fields["status"],
                          f"p50 {fields['p50_ms']:.3f} ms" if "p50_ms" in fields else
                          fields["reason"])

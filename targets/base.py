@@ -13,11 +13,11 @@ Heavy runtimes are imported inside methods, so `import targets` works on any mac
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from pipeline.errors import TargetUnavailable
+from pipeline.errors import FeedError, TargetUnavailable
 from pipeline.timing import LatencyStats, TimingPlan, measure_latency
 
 
@@ -28,8 +28,31 @@ class TensorSpec:
     shape: tuple[int | str | None, ...]  # str/None: a dynamic axis
 
 
+def check_feeds(specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray]) -> None:
+    """Raise FeedError unless `feeds` has exactly the spec's names, dtypes and fixed dims."""
+    not_arrays = [name for name, value in feeds.items() if not isinstance(value, np.ndarray)]
+    if not_arrays:
+        raise FeedError(f"inputs {not_arrays} are not numpy arrays; expected np.ndarray")
+    expected = {spec.name: spec for spec in specs}
+    if set(feeds) != set(expected):
+        raise FeedError(f"inputs {sorted(feeds)} given, expected {sorted(expected)}")
+    for name, array in feeds.items():
+        spec = expected[name]
+        if array.dtype != spec.dtype:
+            raise FeedError(f"input {name!r} has dtype {array.dtype}, expected {spec.dtype}")
+        fixed = [(got, want) for got, want in zip(array.shape, spec.shape, strict=False)
+                 if isinstance(want, int)]
+        if array.ndim != len(spec.shape) or any(got != want for got, want in fixed):
+            raise FeedError(f"input {name!r} has shape {array.shape}, expected {spec.shape} "
+                            "(str/None = any size)")
+
+
 class Runner(ABC):
     """Runs one built artifact. Use as a context manager: resources are freed on exit."""
+
+    # What a runner learned about the device it runs on, for the results' provenance; local
+    # runners leave it None (provenance.collect describes this machine), remote ones fill it.
+    device_info: dict[str, Any] | None = None
 
     def __enter__(self) -> "Runner":
         return self
@@ -61,6 +84,8 @@ class Target(ABC):
     name: ClassVar[str]  # as written in params.yaml
     precisions: ClassVar[tuple[str, ...]]  # e.g. ("fp32", "int8")
     dynamic_batch: ClassVar[bool]  # one artifact serves every batch size
+    # What `build` takes: "onnx" (an exported .onnx) or "checkpoint" (a models/<m>.pt file).
+    source: ClassVar[Literal["onnx", "checkpoint"]] = "onnx"
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:

@@ -85,7 +85,7 @@ def measure(target: Target, model: Path, batches: list[int], plan: TimingPlan) -
                 for batch in batches:
                     stats = runner.benchmark(random_feeds(runner.inputs[0], batch, rng), plan)
                     rows.append({"batch_size": batch, "status": "ok", "reason": "",
-                                 **stats.as_dict(), "device": getattr(runner, "device_info", None)})
+                                 **stats.as_dict(), "device": runner.device_info})
     except TargetUnavailable as err:
         rows += [{"batch_size": b, "status": "skipped", "reason": str(err)} for b in
                  batches[len(rows):]]

@@ -15,8 +15,7 @@ import numpy as np
 
 from pipeline.config import OnnxRuntimeCpuConfig
 from pipeline.errors import BuildError, TargetUnavailable
-from targets.base import Runner, Target, TensorSpec
-from targets.torch_eager import FeedError, check_feeds
+from targets.base import Runner, Target, TensorSpec, check_feeds
 
 GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                 "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -56,9 +55,6 @@ class OnnxRuntimeRunner(Runner):
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
             raise BuildError(f"runner for {self.source} is closed")
-        not_arrays = [name for name, value in feeds.items() if not isinstance(value, np.ndarray)]
-        if not_arrays:
-            raise FeedError(f"inputs {not_arrays} are not numpy arrays; expected np.ndarray")
         check_feeds(self._inputs, feeds)
         outputs = self._session.run(self._output_names, feeds)
         return dict(zip(self._output_names, outputs, strict=True))

@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.errors import PipelineError, TargetUnavailable
 from pipeline.timing import LatencyStats, TimingPlan, summarize
 from targets import remote_runner, trtexec
-from targets.base import Runner, Target, TensorSpec
+from targets.base import Runner, Target, TensorSpec, check_feeds
 
 log = logging.getLogger(__name__)
 RUNNER_FILE = Path(remote_runner.__file__)
@@ -207,8 +207,6 @@ class _SshRunner(Runner):
         self.folder.close()
 
     def _check(self, feeds: dict[str, np.ndarray]) -> None:
-        from targets.torch_eager import check_feeds
-
         check_feeds(self._specs, feeds)
 
 
@@ -306,7 +304,6 @@ class SshTarget(Target):
 
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     dynamic_batch: ClassVar[bool] = True
-    source: ClassVar[str] = "onnx"
 
     def __init__(self, settings: SshSettings) -> None:
         self.settings = settings

@@ -13,8 +13,8 @@ from typing import ClassVar
 import numpy as np
 
 from pipeline.timing import LatencyStats, TimingPlan, measure_phases
-from targets.base import Runner, Target, TensorSpec
-from targets.torch_eager import INPUT_NAME, OUTPUT_NAME, check_feeds, checkpoint_source, input_spec
+from targets.base import Runner, Target, TensorSpec, check_feeds
+from targets.torch_eager import INPUT_NAME, OUTPUT_NAME, checkpoint_source, input_spec
 
 
 def cuda_availability() -> tuple[bool, str]:
@@ -113,7 +113,7 @@ class TorchCudaTarget(Target):
     name: ClassVar[str] = "torch-cuda"
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     dynamic_batch: ClassVar[bool] = True
-    source: ClassVar[str] = "checkpoint"  # runs models/<m>.pt, not an ONNX file
+    source = "checkpoint"  # runs models/<m>.pt, not an ONNX file
     graphs: ClassVar[bool] = False
 
     def __init__(self, threads: int = 0) -> None:

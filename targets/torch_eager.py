@@ -9,31 +9,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from pipeline.errors import BuildError, PipelineError
-from targets.base import Runner, Target, TensorSpec
+from pipeline.errors import BuildError
+from targets.base import Runner, Target, TensorSpec, check_feeds
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-
-
-class FeedError(PipelineError):
-    """Inputs given to a runner do not match its input names, dtypes or shapes."""
-
-
-def check_feeds(specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray]) -> None:
-    """Raise FeedError unless `feeds` has exactly the spec's names, dtypes and fixed dims."""
-    expected = {spec.name: spec for spec in specs}
-    if set(feeds) != set(expected):
-        raise FeedError(f"inputs {sorted(feeds)} given, expected {sorted(expected)}")
-    for name, array in feeds.items():
-        spec = expected[name]
-        if array.dtype != spec.dtype:
-            raise FeedError(f"input {name!r} has dtype {array.dtype}, expected {spec.dtype}")
-        fixed = [(got, want) for got, want in zip(array.shape, spec.shape, strict=False)
-                 if isinstance(want, int)]
-        if array.ndim != len(spec.shape) or any(got != want for got, want in fixed):
-            raise FeedError(f"input {name!r} has shape {array.shape}, expected {spec.shape} "
-                            "(str/None = any size)")
 
 
 def checkpoint_source(path: Path) -> Path:
@@ -86,7 +66,7 @@ class TorchCpuTarget(Target):
     name: ClassVar[str] = "torch-cpu"
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     dynamic_batch: ClassVar[bool] = True
-    source: ClassVar[str] = "checkpoint"  # runs models/<m>.pt, not an ONNX file
+    source = "checkpoint"  # runs models/<m>.pt, not an ONNX file
 
     def __init__(self, threads: int = 0) -> None:
         self.threads = threads

@@ -11,13 +11,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from pipeline.config import OnnxRuntimeCpuConfig
-from pipeline.errors import BuildError, TargetUnavailable
+from pipeline.errors import BuildError, FeedError, TargetUnavailable
 from pipeline.onnx_export import save_onnx
 from pipeline.quantize import convert_fp16
 from targets import TARGETS
 from targets.base import Target
 from targets.onnxruntime_cpu import OnnxRuntimeCpuTarget
-from targets.torch_eager import FeedError
 
 
 def settings(**overrides) -> OnnxRuntimeCpuConfig:

@@ -9,10 +9,10 @@ import torch
 from sshd_fixture import tiny_checkpoint
 
 from pipeline.checkpoint import load_model
-from pipeline.errors import BuildError, TargetUnavailable
+from pipeline.errors import BuildError, FeedError, TargetUnavailable
 from pipeline.timing import TimingPlan
 from targets.torch_cuda import TorchCudaGraphsTarget, TorchCudaTarget
-from targets.torch_eager import FeedError, TorchCpuTarget
+from targets.torch_eager import TorchCpuTarget
 
 PLAN = TimingPlan(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
 
@@ -45,6 +45,7 @@ def test_cpu_runner_matches_the_model_and_restores_threads(model_file):
     ({"x": batch(1)}, r"inputs \['x'\] given, expected \['input'\]"),
     ({"input": batch(1).astype(np.float64)}, "dtype float64, expected float32"),
     ({"input": np.zeros((1, 3, 16, 16), np.float32)}, r"shape \(1, 3, 16, 16\)"),
+    ({"input": torch.zeros(1, 3, 32, 32)}, "not numpy arrays"),
 ])
 def test_cpu_runner_checks_its_inputs(model_file, feeds, message):
     with TorchCpuTarget().load(model_file) as runner, pytest.raises(FeedError, match=message):
