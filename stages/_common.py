@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.codebase import code_hash
 from pipeline.config import Params, TrainConfig, as_dict
 from pipeline.data import BatchLoader, Dataset, load_prepared
 from pipeline.flops import ModelCost, model_cost
@@ -26,6 +27,7 @@ class StageContext:
     device: torch.device
     dataset: Dataset
     dataset_hash: str  # sha256 of the prepared data file, part of every resume fingerprint
+    code_hash: str  # pipeline.codebase.code_hash of the stage: checkpoints of other code differ
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -38,7 +40,8 @@ class StageContext:
         return make_loaders(self.dataset, cfg, self.device, seed)
 
     def fingerprint(self, cfg: Any, *extra: Any) -> str:
-        return fingerprint(as_dict(cfg), self.dataset_hash, *extra)
+        """What a resume checkpoint must match: settings, data, the stage's code, `extra`."""
+        return fingerprint(as_dict(cfg), self.dataset_hash, self.code_hash, *extra)
 
     def model_meta(self, cost: ModelCost, top1: float, **extra: Any) -> dict[str, Any]:
         """What a model file carries for export and model cards."""
@@ -48,11 +51,13 @@ class StageContext:
                 "macs": cost.macs, **extra}
 
 
-def start_stage(params: Params, dataset_path: Path) -> StageContext:
+def start_stage(params: Params, dataset_path: Path, stage_module: str) -> StageContext:
+    """Seed, set threads, load the data. stage_module: the stage's import name (`__spec__.name`)."""
     seed_everything(params.common.seed)
     set_threads(params.common.threads)
     dataset = load_prepared(dataset_path)
-    return StageContext(resolve_device(params.common.device), dataset, file_sha256(dataset_path))
+    return StageContext(resolve_device(params.common.device), dataset, file_sha256(dataset_path),
+                        code_hash(stage_module))
 
 
 def cost_of(model: nn.Module, ctx: StageContext) -> ModelCost:

@@ -2,73 +2,20 @@
 
 A missing code dependency is a silent staleness bug: the code changes, `dvc repro` reports the
 stage up to date and keeps outputs made by the old code. This test follows each stage's imports
-(including those inside functions, and the target registry's "module:Class" strings) through
-pipeline/, stages/ and targets/, and checks that dvc.yaml names every file reached, or a folder
-holding it.
+(pipeline.codebase.code_closure: also those inside functions, and the target registry's
+"module:Class" strings) and checks that dvc.yaml names every file reached, or a folder holding it.
 """
 
-import ast
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages", "targets")
+from pipeline.codebase import PROJECT_ROOT as ROOT
+from pipeline.codebase import code_closure
+
 STAGE_MODULE = re.compile(r"python -m (stages\.\w+)")
-
-
-def module_file(name: str) -> Path | None:
-    """The source file of a project module or package, or None for anything else."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    path = ROOT.joinpath(*name.split("."))
-    for candidate in (path / "__init__.py", path.with_suffix(".py")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _with_parents(name: str) -> set[Path]:
-    """A module and the packages Python imports on the way to it."""
-    parts = name.split(".")
-    found = (module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1))
-    return {path for path in found if path is not None}
-
-
-def _absolute(node: ast.ImportFrom, path: Path) -> str:
-    if not node.level:
-        return node.module or ""
-    package = path.parent.relative_to(ROOT).parts
-    base = list(package[:len(package) - node.level + 1])
-    return ".".join(base + ([node.module] if node.module else []))
-
-
-def imported_names(path: Path) -> set[str]:
-    """Every module name `path` may import: import statements anywhere, and registry strings."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = _absolute(node, path)
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)  # submodule imports
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names.add(node.value.split(":")[0])  # "targets.ssh:SshOnnxRuntimeTarget"
-    return names
-
-
-def code_closure(module: str) -> set[Path]:
-    """Project source files that running `python -m module` can execute."""
-    todo, seen = list(_with_parents(module)), set()
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo.extend(file for name in imported_names(path) for file in _with_parents(name))
-    return seen
 
 
 def stages_with_code() -> list[tuple[str, str, list[str]]]:

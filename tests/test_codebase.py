@@ -1,0 +1,44 @@
+"""code_closure / code_hash on a small project tree: what a stage runs, and nothing else."""
+
+import pytest
+
+from pipeline.codebase import code_closure, code_hash
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    files = {
+        "stages/__init__.py": "",
+        "stages/train.py": "from pipeline import loss\n\ndef main():\n    import pipeline.lazy\n",
+        "pipeline/__init__.py": "",
+        "pipeline/loss.py": "from .util import helper\n",
+        "pipeline/util.py": "import numpy\nhelper = 1\n",
+        "pipeline/lazy.py": "REGISTRY = {'x': 'targets.ort:Ort'}\n",
+        "pipeline/report.py": "import matplotlib\n",
+        "targets/__init__.py": "",
+        "targets/ort.py": "class Ort: ...\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_closure_follows_relative_lazy_and_registry_imports(tree):
+    found = {str(path.relative_to(tree)) for path in code_closure("stages.train", tree)}
+    assert found == {"stages/__init__.py", "stages/train.py", "pipeline/__init__.py",
+                     "pipeline/loss.py", "pipeline/util.py", "pipeline/lazy.py",
+                     "targets/__init__.py", "targets/ort.py"}
+
+
+def test_hash_changes_with_code_the_stage_runs_only(tree):
+    before = code_hash("stages.train", tree)
+    (tree / "pipeline/report.py").write_text("import matplotlib  # edited\n")
+    assert code_hash("stages.train", tree) == before
+    (tree / "pipeline/util.py").write_text("import numpy\nhelper = 2\n")
+    assert code_hash("stages.train", tree) != before
+
+
+def test_unknown_module_is_an_error(tree):
+    with pytest.raises(ValueError, match="not a module of this project"):
+        code_closure("stages.missing", tree)
