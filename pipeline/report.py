@@ -262,7 +262,7 @@ def _provenance_lines(rows: Sequence[dict]) -> list[str]:
         if line not in seen:
             seen.add(line)
             lines.append(line)
-    return lines
+    return lines or ["- no target measured anything (every row was skipped or failed)"]
 
 
 def render(rows: Sequence[dict], settings: ReportSettings, models: Sequence[str],

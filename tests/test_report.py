@@ -103,6 +103,7 @@ def test_stage_writes_report_and_charts(tmp_path):
 def test_only_skipped_rows_still_make_a_report(tmp_path):
     paths = write_report(ROWS[6:], SETTINGS, MODELS, tmp_path)
     assert "cannot be said" in paths["report"].read_text()
+    assert "- no target measured anything" in paths["report"].read_text()
     assert paths["accuracy"].stat().st_size > 0
 
 
