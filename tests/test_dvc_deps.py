@@ -49,8 +49,8 @@ def test_uncovered_names_files_outside_every_dep():
     assert uncovered(files, ["stages/report.py", "pipeline/io.py"]) == []
 
 
-@pytest.mark.parametrize(("stage", "module", "deps"), stages_with_code(),
-                         ids=[stage for stage, _, _ in stages_with_code()])
+@pytest.mark.parametrize(("stage", "module", "deps"),
+                         [pytest.param(*stage, id=stage[0]) for stage in stages_with_code()])
 def test_every_stage_depends_on_all_code_it_runs(stage, module, deps):
     missing = uncovered(code_closure(module), deps)
     assert not missing, f"dvc.yaml stage {stage!r} runs {module} but does not list: {missing}"

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.gates import ChannelGate
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -14,6 +16,10 @@ def _python_blocks_under(heading: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
 
+def _parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def test_pruning_your_own_cnn_example_runs_and_slims_exactly(capsys):
     blocks = _python_blocks_under("Pruning your own CNN")
     assert len(blocks) == 1, "README should show one Python example for pruning your own CNN"
@@ -21,12 +27,10 @@ def test_pruning_your_own_cnn_example_runs_and_slims_exactly(capsys):
     namespace: dict = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)  # noqa: S102 - our own README
 
-    from pipeline.gates import ChannelGate  # noqa: PLC0415 - after the example imported it
     slim_model = namespace["slim_model"]
     assert all(not isinstance(m, ChannelGate) and not m._forward_hooks
                and not m._forward_pre_hooks for m in slim_model.modules())
-    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert params(slim_model) < params(namespace["model"])
+    assert _parameter_count(slim_model) < _parameter_count(namespace["model"])
     max_abs, relative = namespace["exactness"](namespace["gated"], slim_model,
                                                torch.randn(4, 3, 64, 64))
     assert relative <= 1e-4, (max_abs, relative)
