@@ -26,6 +26,11 @@ def module_file(name: str, root: Path = PROJECT_ROOT) -> Path | None:
     return None
 
 
+def module_of(path: Path, root: Path = PROJECT_ROOT) -> str:
+    """The import name of a project source file: stages/slim.py -> "stages.slim"."""
+    return ".".join(Path(path).resolve().relative_to(root).with_suffix("").parts)
+
+
 def _with_parents(name: str, root: Path) -> set[Path]:
     """A module and the packages Python imports on the way to it."""
     parts = name.split(".")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.codebase import code_hash
+from pipeline.codebase import code_hash, module_of
 from pipeline.config import Params, TrainConfig, as_dict
 from pipeline.data import BatchLoader, Dataset, load_prepared
 from pipeline.flops import ModelCost, model_cost
@@ -51,13 +51,14 @@ class StageContext:
                 "macs": cost.macs, **extra}
 
 
-def start_stage(params: Params, dataset_path: Path, stage_module: str) -> StageContext:
-    """Seed, set threads, load the data. stage_module: the stage's import name (`__spec__.name`)."""
+def start_stage(params: Params, dataset_path: Path, stage_file: str) -> StageContext:
+    """Seed, set threads, load the data. stage_file: the stage's `__file__` (whose code is hashed;
+    `__file__` rather than the module name, which is "__main__" under `python -m`)."""
     seed_everything(params.common.seed)
     set_threads(params.common.threads)
     dataset = load_prepared(dataset_path)
     return StageContext(resolve_device(params.common.device), dataset, file_sha256(dataset_path),
-                        code_hash(stage_module))
+                        code_hash(module_of(Path(stage_file))))
 
 
 def cost_of(model: nn.Module, ctx: StageContext) -> ModelCost:

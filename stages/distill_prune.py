@@ -70,7 +70,7 @@ def pruning_summary(gated: GatedModel, ctx, cost_before) -> dict:
 
 def run(params: Params, paths: Paths) -> dict:
     cfg, seed = params.distill_prune, params.common.seed
-    ctx = start_stage(params, paths.dataset, __spec__.name)
+    ctx = start_stage(params, paths.dataset, __file__)
     spec = {"arch": cfg.arch, "num_classes": len(ctx.dataset.classes)}
     model = build_model(spec)
     cost_before = cost_of(model, ctx)

@@ -29,7 +29,7 @@ class Paths:
 
 def run(params: Params, paths: Paths) -> dict:
     cfg, seed = params.finetune, params.common.seed
-    ctx = start_stage(params, paths.dataset, __spec__.name)
+    ctx = start_stage(params, paths.dataset, __file__)
     loaded = load_model(paths.slim, ctx.device)
     model = prepare_model(loaded.model, cfg, ctx.device)
     cost = cost_of(model, ctx)

@@ -48,7 +48,7 @@ def require_exact(reference, candidate, images, tolerance: float, what: str) -> 
 
 def run(params: Params, paths: Paths) -> dict:
     cfg = params.slim
-    ctx = start_stage(params, paths.dataset, __spec__.name)
+    ctx = start_stage(params, paths.dataset, __file__)
     gated, spec, meta = load_gated(paths.gated, ctx.device)
     slimmed, pruning = slim(gated, cfg.round_to, verify=False)
     images = check_images(ctx, cfg.check_images)

@@ -29,7 +29,7 @@ class Paths:
 
 def run(params: Params, paths: Paths) -> dict:
     cfg, seed = params.student_dense, params.common.seed
-    ctx = start_stage(params, paths.dataset, __spec__.name)
+    ctx = start_stage(params, paths.dataset, __file__)
     spec = {"arch": params.distill_prune.arch, "num_classes": len(ctx.dataset.classes)}
     model = build_model(spec)
     cost = cost_of(model, ctx)

@@ -27,7 +27,7 @@ class Paths:
 
 def run(params: Params, paths: Paths) -> dict:
     cfg, seed = params.train_teacher, params.common.seed
-    ctx = start_stage(params, paths.dataset, __spec__.name)
+    ctx = start_stage(params, paths.dataset, __file__)
     spec = {"arch": cfg.arch, "num_classes": len(ctx.dataset.classes)}
     model = build_model(spec)
     cost = cost_of(model, ctx)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.codebase import code_closure, code_hash
+from pipeline.codebase import code_closure, code_hash, module_of
 
 
 @pytest.fixture()
@@ -37,6 +37,10 @@ def test_hash_changes_with_code_the_stage_runs_only(tree):
     assert code_hash("stages.train", tree) == before
     (tree / "pipeline/util.py").write_text("import numpy\nhelper = 2\n")
     assert code_hash("stages.train", tree) != before
+
+
+def test_module_of_names_a_file_as_python_imports_it(tree):
+    assert module_of(tree / "stages" / "train.py", tree) == "stages.train"
 
 
 def test_unknown_module_is_an_error(tree):
