@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import CheckpointError, PipelineError
+from pipeline.io import atomic_output
 from pipeline.models import build_model
 
 FORMAT = "prune-deploy/model/1"
@@ -27,12 +28,9 @@ class LoadedModel:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """torch.save through pipeline.io.atomic_output: readers never see a half-written file."""
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, spec: dict[str, Any],
@@ -47,7 +45,9 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     pruning = spec.pop("pruning", None)
     model = build_model(spec)
     if pruning is not None:
-        from pipeline.slimming import apply_pruning_spec  # the slimming module owns the replay
+        from pipeline.prune.slimming import (
+            apply_pruning_spec,  # the slimming module owns the replay
+        )
 
         model = apply_pruning_spec(model, pruning)
     return model

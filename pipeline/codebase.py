@@ -2,9 +2,10 @@
 
 Two users: training stages put `code_hash(stage)` into their resume fingerprint, so a finished
 checkpoint is reused only by the same code (a bug fix in the loss retrains; an edit to the
-report code does not), and tests/test_dvc_deps.py checks that dvc.yaml lists every file a stage
-reaches. Imports are followed statically (ast), including those inside functions and the
-"module:Class" strings of the target registry, which import_module resolves at run time.
+report code does not), and tests/test_dvc_deps.py checks that dvc.yaml lists exactly the files
+each stage reaches. Imports are followed statically (ast), including those inside functions.
+Modules imported by name at run time (the target registry's factory) are not visible here: the
+caller adds them (`extra`), as the dvc deps test does for the benchmark stage's target.
 """
 
 import ast
@@ -47,7 +48,7 @@ def _absolute(node: ast.ImportFrom, path: Path, root: Path) -> str:
 
 
 def imported_names(path: Path, root: Path = PROJECT_ROOT) -> set[str]:
-    """Every module name `path` may import: import statements anywhere, and registry strings."""
+    """Every module name `path` may import: import statements anywhere in the file."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -56,16 +57,17 @@ def imported_names(path: Path, root: Path = PROJECT_ROOT) -> set[str]:
             base = _absolute(node, path, root)
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # submodule imports
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names.add(node.value.split(":")[0])  # "targets.ssh:SshOnnxRuntimeTarget"
     return names
 
 
-def code_closure(module: str, root: Path = PROJECT_ROOT) -> set[Path]:
-    """Project source files that running `python -m module` can execute."""
-    if module_file(module, root) is None:
-        raise ValueError(f"{module!r} is not a module of this project ({root})")
-    todo, seen = list(_with_parents(module, root)), set()
+def code_closure(module: str, root: Path = PROJECT_ROOT, extra: tuple[str, ...] = ()) -> set[Path]:
+    """Project source files that running `python -m module` can execute; `extra`: modules it
+    imports by name at run time."""
+    for name in (module, *extra):
+        if module_file(name, root) is None:
+            raise ValueError(f"{name!r} is not a module of this project ({root})")
+    todo = [path for name in (module, *extra) for path in _with_parents(name, root)]
+    seen: set[Path] = set()
     while todo:
         path = todo.pop()
         if path not in seen:

@@ -1,45 +1,65 @@
-"""Typed configuration: params.yaml -> frozen dataclasses, validated as a whole.
+"""Typed configuration: the schemas of params.yaml's sections and the rules for reading them.
 
 params.yaml has one section per stage plus shared ones, a `profile` key choosing a schedule
-(`smoke`, `quick`, `paper`) and a `profiles` table whose entries override section keys.
-Unknown keys, missing keys, wrong types and out-of-range values are `ConfigError`s that name the
-key and the file. Every stage validates the whole file, so a typo anywhere stops the pipeline
-before any output is touched.
+(`smoke`, `quick`, `paper`) and a `profiles` table whose entries override section keys. It is
+read exactly as DVC reads it (ruamel.yaml, YAML 1.2: `off` is a string, `5e-4` a float), because
+`dvc exp run -S` rewrites the file and DVC must see the same values the stages see.
+
+Every section is a frozen pydantic dataclass validated strictly (no "1" -> 1, no 1 -> True);
+unknown keys, missing keys, wrong types and out-of-range values become one line each that names
+the key. This module holds the schemas library code uses; each runtime target defines its own
+settings schema (targets/), and stages/_params.py, the one place that sees both, composes the
+whole file. Stages read their validated sections back from resolved/<section>.json
+(`load_section`), written by the validate_params stage.
 """
 
-import copy
+import json
 import os
-import re
-import typing
-from dataclasses import fields, is_dataclass
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 
 PROFILES = ("smoke", "quick", "paper")
 DATA_ROOT_ENV = "PIPELINE_DATA_ROOT"
-_STRICT = ConfigDict(extra="forbid", strict=True)
+STRICT = ConfigDict(extra="forbid", strict=True)
+Schema = TypeVar("Schema")
 
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 UnitFloat = Annotated[float, Field(ge=0, lt=1)]  # a fraction in [0, 1)
+Precision = Literal["fp32", "fp16", "int8"]
 
 
-@dataclass(frozen=True, config=_STRICT)
+# --------------------------------------------------------------------------- shared sections
+@dataclass(frozen=True, config=STRICT)
 class CommonConfig:
     seed: NonNegativeInt  # base seed for every random number generator, all stages
     device: Literal["auto", "cpu", "cuda"]  # training/eval device; auto = cuda if present
     threads: NonNegativeInt  # torch intra-op threads on CPU; 0 = torch's default (all cores)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
+class RunConfig(CommonConfig):
+    """`common` as stages read it from resolved/common.json: the section plus the profile."""
+
+    profile: Literal["smoke", "quick", "paper"] = Field(default=...)  # schedule preset in force
+
+
+@dataclass(frozen=True, config=STRICT)
 class DataConfig:
     dataset: Literal["cifar10", "cifar100", "synthetic", "imagefolder"]  # which data source
     root: str  # folder holding the dataset (cifar-10-batches-py/ ...); env PIPELINE_DATA_ROOT wins
@@ -53,7 +73,7 @@ class DataConfig:
     image_size: Annotated[int, Field(ge=8)]  # imagefolder only: images resized to this (pixels)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class TrainConfig:
     """An SGD training schedule; shared by every stage that trains."""
 
@@ -83,16 +103,6 @@ class TrainConfig:
         return self
 
 
-@dataclass(frozen=True, config=_STRICT)
-class TrainTeacherConfig(TrainConfig):
-    arch: str = Field(default=...)  # model zoo name, e.g. resnet56 (see pipeline/models)
-
-    @field_validator("arch")
-    @classmethod
-    def _arch_in_zoo(cls, arch: str) -> str:
-        return check_arch(arch)
-
-
 def check_arch(arch: str) -> str:
     """Reject an unknown architecture when the config loads, not halfway through a stage."""
     from pipeline.models import known_architectures
@@ -103,21 +113,63 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-# --- export (issue 4) ---
+Architecture = Annotated[str, Field(min_length=1)]
 
 
-@dataclass(frozen=True, config=_STRICT)
-class OnnxRuntimeCpuConfig:
-    """Session settings of the ONNX Runtime CPU target (targets/onnxruntime_cpu.py)."""
+@dataclass(frozen=True, config=STRICT)
+class TeacherConfig(TrainConfig):
+    """The teacher stage: an architecture of the model zoo and its training schedule."""
 
-    graph_optimization: Literal["disable", "basic", "extended", "all"]  # ORT graph optimisation
-    intra_op_threads: NonNegativeInt  # threads inside one operator; 0 = ORT's default (all cores)
-    inter_op_threads: NonNegativeInt  # threads across operators; 0 = ORT's default
-    # Execution providers, most preferred first; every one must be present (never dropped).
-    providers: Annotated[tuple[str, ...], Field(min_length=1)]
+    arch: Architecture = Field(default=...)  # model zoo name, e.g. resnet56 (see pipeline/models)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_in_zoo(cls, arch: str) -> str:
+        return check_arch(arch)
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
+class DistillConfig:
+    """The student and how every student stage is distilled from the teacher:
+    (1-alpha)*CE + alpha*T^2*KL(t||s)."""
+
+    student_arch: Architecture  # student architecture (zoo name) of every student stage
+    temperature: PositiveFloat  # softmax temperature T of the KD term (reference: 3)
+    alpha: Annotated[float, Field(ge=0, le=1)]  # weight of the KD term (reference: 0.6)
+
+    @field_validator("student_arch")
+    @classmethod
+    def _arch_in_zoo(cls, arch: str) -> str:
+        return check_arch(arch)
+
+
+# ------------------------------------------------------------------ PDD, slimming, fine-tuning
+@dataclass(frozen=True, config=STRICT)
+class StudentGatedConfig(TrainConfig):
+    """PDD: the gated student's schedule, its gates' learning rate and an optional MACs budget."""
+
+    gate_lr: PositiveFloat = Field(default=...)  # SGD lr of the gate logits (no weight decay)
+    flops_target: Annotated[float, Field(ge=0, le=1)] = Field(default=...)  # kept-MACs fraction
+    # the budget penalty drives towards; 0 = no budget (the paper's default)
+    flops_weight: NonNegativeFloat = Field(default=...)  # weight of the budget penalty
+
+    @model_validator(mode="after")
+    def _budget_needs_a_weight(self):
+        if (self.flops_target > 0) != (self.flops_weight > 0):
+            raise ValueError("flops_target and flops_weight switch the MACs budget on together: "
+                             f"both > 0 or both 0 (got {self.flops_target}, {self.flops_weight})")
+        return self
+
+
+@dataclass(frozen=True, config=STRICT)
+class SlimConfig:
+    round_to: PositiveInt  # keep every group's width a multiple of this (1 = exact gate widths)
+    check_images: PositiveInt  # test images on which slimmed and gated logits are compared
+    tolerance: PositiveFloat  # max allowed max|gated - slim| / max|gated| (exactness gate)
+
+
+# -------------------------------------------------------------------------------------- export
+@dataclass(frozen=True, config=STRICT)
 class ParityTolerance:
     """How far a reduced-precision ONNX file may drift from the PyTorch model's logits."""
 
@@ -125,7 +177,7 @@ class ParityTolerance:
     min_top1_agreement: Annotated[float, Field(gt=0, le=1)]  # share of images with equal top-1
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class QuantizeConfig:
     """Static INT8 (QDQ, per-channel weights) quantisation with ONNX Runtime."""
 
@@ -137,9 +189,10 @@ class QuantizeConfig:
     max_top1_drop: NonNegativeFloat  # top-1 points (percent) INT8 may lose vs FP32, else error
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class ExportConfig:
-    """The export stage: ONNX export, simplification, FP16/INT8 variants and their parity gates."""
+    """The export stage: ONNX export, simplification, FP16/INT8 variants and their parity gates.
+    Parity runs in ONNX Runtime with the onnxruntime-cpu target's settings (runtimes)."""
 
     opset: Annotated[int, Field(ge=18)]  # ONNX opset; 17 fails for our ResNets (docs/export.md)
     simplifier: Literal["onnxsim", "onnxslim"]  # graph simplifier run after export
@@ -149,7 +202,6 @@ class ExportConfig:
     fp16: ParityTolerance  # FP16 file vs PyTorch (FP32 files must match within 1e-4, 100% top-1)
     int8: ParityTolerance  # INT8 file vs PyTorch
     quantize: QuantizeConfig  # how the INT8 file is calibrated and how much it may lose
-    runtime: OnnxRuntimeCpuConfig  # ONNX Runtime session used for parity and accuracy
 
     @model_validator(mode="after")
     def _large_batch_fits_parity_images(self):
@@ -159,14 +211,10 @@ class ExportConfig:
         return self
 
 
-# --- benchmark/report (issue 5) ---
-
-Precision = Literal["fp32", "fp16", "int8"]
-
-
-@dataclass(frozen=True, config=_STRICT)
-class TimingConfig:
-    """How each latency is measured (pipeline.timing.TimingPlan)."""
+# --------------------------------------------------------------------------- benchmark/report
+@dataclass(frozen=True, config=STRICT)
+class TimingPlan:
+    """How each latency is measured (pipeline.timing): warm-up, then timed repeats."""
 
     warmup_iters: NonNegativeInt  # throw-away calls before timing, at least this many ...
     warmup_seconds: NonNegativeFloat  # ... and for at least this long (seconds)
@@ -174,55 +222,22 @@ class TimingConfig:
     min_seconds: NonNegativeFloat  # ... and for at least this long in total (seconds)
 
 
-@dataclass(frozen=True, config=_STRICT)
-class SshDeviceConfig:
-    """The edge device of the ssh-* targets (targets/ssh.py). host "" = none: rows are skipped."""
-
-    host: str  # user@host of the device; "" = no device configured
-    port: Annotated[int, Field(ge=1, le=65535)]  # sshd port on the device
-    key_file: str  # private key file; "" = ssh's default identities
-    known_hosts: str  # known_hosts file holding the device's host key (verified, never skipped)
-    ssh_config: str  # passed as `ssh -F`: a config file, or "none" to ignore ~/.ssh/config
-    remote_python: Annotated[tuple[str, ...], Field(min_length=1)]  # device Python + numpy + ORT
-    remote_tmp: str  # device folder under which a temp folder is made and removed again
-    providers: Annotated[tuple[str, ...], Field(min_length=1)]  # ORT providers on the device
-    trtexec: str  # trtexec command on the device (ssh-tensorrt)
-    threads: NonNegativeInt  # ORT intra-op threads on the device; 0 = ORT's default
-    connect_timeout_s: PositiveFloat  # seconds allowed to connect
-    command_timeout_s: PositiveFloat  # seconds allowed for any one remote command or copy
-
-
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class BenchmarkConfig:
-    """The benchmark stage, run once per target (DVC foreach over `targets`)."""
+    """The benchmark stage, run once per target (DVC foreach over `targets`); each target's
+    runtime settings are its own section under `runtimes` (targets/)."""
 
     # target name -> precisions benchmarked there (checked against what the target supports)
     targets: dict[str, Annotated[tuple[Precision, ...], Field(min_length=1)]]
-    models: Annotated[tuple[str, ...], Field(min_length=1)]  # models/<m>.pt, artifacts/<m>.*.onnx
+    models: Annotated[tuple[str, ...], Field(min_length=1)]  # models/<m>.pt, artifacts/<m>.*
     batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)]  # images per call
     eval_images: NonNegativeInt  # test images for top-1 through each runtime; 0 = all
-    timing: TimingConfig
-    torch_threads: NonNegativeInt  # torch-cpu intra-op threads; 0 = torch's default
-    onnxruntime: OnnxRuntimeCpuConfig  # onnxruntime-cpu session settings
-    ssh: SshDeviceConfig
-
-    @model_validator(mode="after")
-    def _targets_support_their_precisions(self):
-        from targets import TARGETS
-
-        for name, precisions in self.targets.items():
-            if name not in TARGETS:
-                raise ValueError(f"unknown target {name!r}; known: {', '.join(sorted(TARGETS))}")
-            unsupported = sorted(set(precisions) - set(TARGETS[name].precisions))
-            if unsupported:
-                raise ValueError(f"target {name!r} does not support {unsupported}; it supports "
-                                 f"{list(TARGETS[name].precisions)}")
-        return self
+    timing: TimingPlan
 
 
-@dataclass(frozen=True, config=_STRICT)
+@dataclass(frozen=True, config=STRICT)
 class ReportConfig:
-    """The comparison report (stages/report.py)."""
+    """The comparison report (pipeline/report.py)."""
 
     baseline_model: str  # speedups are measured against this model (the teacher)
     dense_model: str  # the unpruned student
@@ -230,105 +245,35 @@ class ReportConfig:
     paid_off_speedup: Annotated[float, Field(gt=1)]  # measured speedup that counts as paying off
 
 
-# --- PDD, slimming, fine-tuning (issue 3) ---
+# ---------------------------------------------------------------------------------- reading
+def read_params_file(path: str | os.PathLike) -> dict[str, Any]:
+    """params.yaml as DVC reads it (ruamel.yaml safe loader, YAML 1.2)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
-
-@dataclass(frozen=True, config=_STRICT)
-class DistillConfig:
-    """Hinton KD as every student stage uses it: (1-alpha)*CE + alpha*T^2*KL(t||s)."""
-
-    temperature: PositiveFloat  # softmax temperature T of the KD term (reference: 3)
-    alpha: Annotated[float, Field(ge=0, le=1)]  # weight of the KD term (reference: 0.6)
-
-
-@dataclass(frozen=True, config=_STRICT)
-class DistillPruneConfig(TrainConfig):
-    arch: str = Field(default=...)  # student architecture (zoo name), e.g. resnet20
-    gate_lr: PositiveFloat = Field(default=...)  # SGD lr of the gate logits (no weight decay)
-    flops_target: Annotated[float, Field(ge=0, le=1)] = Field(default=...)  # kept-MACs fraction
-    # the budget penalty drives towards; 0 = no budget (the paper's default)
-    flops_weight: NonNegativeFloat = Field(default=...)  # weight of the budget penalty
-
-    @field_validator("arch")
-    @classmethod
-    def _arch_in_zoo(cls, arch: str) -> str:
-        return check_arch(arch)
-
-    @model_validator(mode="after")
-    def _budget_needs_a_weight(self):
-        if (self.flops_target > 0) != (self.flops_weight > 0):
-            raise ValueError("flops_target and flops_weight switch the MACs budget on together: "
-                             f"both > 0 or both 0 (got {self.flops_target}, {self.flops_weight})")
-        return self
-
-
-@dataclass(frozen=True, config=_STRICT)
-class SlimConfig:
-    round_to: PositiveInt  # keep every group's width a multiple of this (1 = exact gate widths)
-    check_images: PositiveInt  # test images on which slimmed and gated logits are compared
-    tolerance: PositiveFloat  # max allowed max|gated - slim| / max|gated| (exactness gate)
-
-
-# --- sections added by later issues go above this line, and into Params below ---
-
-
-@dataclass(frozen=True, config=_STRICT)
-class Params:
-    """The whole params.yaml after the profile has been applied."""
-
-    profile: Literal["smoke", "quick", "paper"]  # schedule preset in force
-    common: CommonConfig
-    data: DataConfig
-    train_teacher: TrainTeacherConfig
-    distill: DistillConfig
-    student_dense: TrainConfig  # the unpruned student (arch of distill_prune), same KD recipe
-    distill_prune: DistillPruneConfig
-    slim: SlimConfig
-    finetune: TrainConfig
-    export: ExportConfig  # ONNX export, simplification, FP16/INT8 variants and parity gates
-    benchmark: BenchmarkConfig  # latency and accuracy per target
-    report: ReportConfig  # the comparison report
-
-    @model_validator(mode="after")
-    def _dense_student_gets_the_same_epoch_budget(self):
-        budget = self.distill_prune.epochs + self.finetune.epochs
-        if self.student_dense.epochs != budget:
-            raise ValueError(
-                f"student_dense.epochs ({self.student_dense.epochs}) must equal "
-                f"distill_prune.epochs + finetune.epochs ({budget}): pruned and unpruned "
-                "students are compared at the same training budget")
-        return self
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML reads `5e-4` as a string (YAML 1.1); DVC reads it as a float (YAML 1.2). Match DVC."""
-
-
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    # Numbers with an exponent, signed or not (PyYAML 1.1 wants a dot and a signed exponent).
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
     try:
         text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read params file ({err.strerror})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read params file ({err})") from err
     try:
-        raw = yaml.load(text, Loader=_Yaml12Loader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raw = YAML(typ="safe").load(text)
+    except YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return raw
 
 
-def _apply_profile(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], set[str]]:
-    """Merge profiles[profile] into the sections; return the merged dict and the keys it set."""
-    profile = raw.get("profile")
+def apply_profile(raw: dict[str, Any], path: str | os.PathLike,
+                  profile: str | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Merge profiles[profile] (default: the file's `profile`) into the sections.
+
+    Returns the merged sections (without `profiles`) and the dotted keys the profile set.
+    Override values replace whole keys; a nested mapping (e.g. export.int8) is replaced as a
+    whole, so a profile states every key of what it overrides.
+    """
+    profile = raw.get("profile") if profile is None else profile
     profiles = raw.get("profiles", {})
     if profile not in PROFILES:
         raise ConfigError(f"{path}: profile: expected one of {', '.join(PROFILES)}, "
@@ -336,7 +281,9 @@ def _apply_profile(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], set
     if not isinstance(profiles, dict) or set(profiles) - set(PROFILES):
         unknown = sorted(set(profiles) - set(PROFILES)) if isinstance(profiles, dict) else profiles
         raise ConfigError(f"{path}: profiles: unknown profile(s) {unknown}; known: {PROFILES}")
-    merged = {k: copy.deepcopy(v) for k, v in raw.items() if k != "profiles"}
+    merged = json.loads(json.dumps({k: v for k, v in raw.items() if k != "profiles"},
+                                   default=str))  # a deep copy in plain JSON types
+    merged["profile"] = profile
     overridden: set[str] = set()
     for section, values in (profiles.get(profile) or {}).items():
         where = f"profiles.{profile}.{section}"
@@ -345,102 +292,80 @@ def _apply_profile(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], set
         for key, value in values.items():
             if key not in merged[section]:
                 raise ConfigError(f"{path}: {where}.{key}: unknown key (not in section {section})")
-            merged[section][key] = value
+            merged[section][key] = json.loads(json.dumps(value, default=str))
             overridden.add(f"{section}.{key}")
     return merged, overridden
 
 
-def _describe(error: dict[str, Any], overridden: set[str], profile: str) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    message = {
-        "missing": "missing key",
-        "unexpected_keyword_argument": "unknown key",
-    }.get(error["type"], error["msg"])
-    if error["type"] not in ("missing", "unexpected_keyword_argument") and "input" in error:
-        message += f" (got {error['input']!r})"
-    if key in overridden:
-        message += f" [set by profiles.{profile}]"
-    return f"{key}: {message}"
+@cache
+def _adapter(schema: type) -> TypeAdapter:
+    return TypeAdapter(schema)
 
 
-class _SectionErrors(Exception):
-    """Validation errors of one section, each with its full key path."""
+class SectionError(ValueError):
+    """Validation problems of one section, each a line naming its dotted key."""
 
-    def __init__(self, errors: list[dict[str, Any]]):
-        super().__init__(errors)
-        self.errors = errors
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
+        self.problems = problems  # (dotted key, what is wrong)
 
 
-def _construct(cls: type, values: dict[str, Any], where: tuple[str, ...]) -> Any:
-    """Build dataclass `cls` from a mapping, nested sections first (strict mode wants instances)."""
-    hints = typing.get_type_hints(cls)
-    built, problems = {}, []
-    for key, value in values.items():
-        nested = hints.get(key)
-        if isinstance(value, dict) and is_dataclass(nested):
-            try:
-                value = _construct(nested, value, (*where, key))
-            except _SectionErrors as err:
-                problems += err.errors
-        built[key] = value
-    if problems:
-        raise _SectionErrors(problems)
+_MESSAGES = {"missing": "missing key", "unexpected_keyword_argument": "unknown key",
+             "dataclass_type": "expected a mapping of keys", "dict_type": "expected a mapping",
+             "dataclass_exact_type": "expected a mapping of keys"}
+
+
+def _problem(error: dict[str, Any], section: str) -> tuple[str, str]:
+    key = ".".join([section, *(str(part) for part in error["loc"])])
+    kind = error["type"]
+    message = _MESSAGES.get(kind) or error["msg"].removeprefix("Value error, ")
+    if kind not in ("missing", "unexpected_keyword_argument", "value_error") and "input" in error:
+        shown = error["input"]
+        message += f" (got {type(shown).__name__})" if isinstance(shown, dict | list) else \
+            f" (got {shown!r})"
+    return key, message
+
+
+def validate(schema: type[Schema], data: Any, section: str) -> Schema:
+    """Strict validation of plain data (JSON types: lists for tuples, mappings for sections);
+    raises SectionError with one (key, message) per problem."""
     try:
-        return cls(**built)
+        text = json.dumps(data, default=str)
+        return _adapter(schema).validate_json(text, strict=True)
     except ValidationError as err:
-        raise _SectionErrors([{**e, "loc": (*where, *e["loc"])} for e in err.errors()]) from None
+        problems = [_problem(e, section) for e in err.errors()]
+        raise SectionError(_without_echoes(problems)) from None
 
 
-def _build_section(name: str, cls: type, values: Any, overridden: set[str], profile: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"{name}: expected a mapping of keys, got {type(values).__name__}")
-    try:
-        return _construct(cls, _lists_to_tuples(values), (name,))
-    except _SectionErrors as err:
-        problems = [_describe(e, overridden, profile) for e in err.errors]
-        raise ValueError("\n  ".join(problems)) from None
+def _without_echoes(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop a container's "too short" complaint when one of its items was the real problem."""
+    keys = [key for key, _ in problems]
+    return [(key, message) for key, message in problems
+            if not (message.startswith(("List should have", "Tuple should have"))
+                    and any(other.startswith(key + ".") for other in keys))]
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read, profile-merge and validate params.yaml; raise ConfigError naming every bad key."""
+def as_dict(config: Any) -> Any:
+    """A config object as plain JSON-able data (tuples become lists)."""
+    return _adapter(type(config)).dump_python(config, mode="json")
+
+
+def load_section(schema: type[Schema], path: str | os.PathLike) -> Schema:
+    """One resolved section (resolved/<section>.json, written by validate_params)."""
     path = Path(path)
-    merged, overridden = _apply_profile(_read_yaml(path), path)
-    sections = {f.name: f.type for f in fields(Params) if f.name != "profile"}
-    problems = [f"{key}: unknown section" for key in merged if key not in (*sections, "profile")]
-    problems += [f"{key}: missing section" for key in sections if key not in merged]
-    built: dict[str, Any] = {"profile": merged["profile"]}
-    for name, cls in sections.items():
-        if name in merged:
-            try:
-                built[name] = _build_section(name, cls, merged[name], overridden, merged["profile"])
-            except ValueError as err:
-                problems.append(str(err))
-    if problems:
-        raise ConfigError(f"{path}: invalid parameters:\n  " + "\n  ".join(problems))
     try:
-        return Params(**built)
-    except ValidationError as err:  # cross-section rules
-        problems = [e["msg"].removeprefix("Value error, ") for e in err.errors()]
-        raise ConfigError(f"{path}: invalid parameters:\n  " + "\n  ".join(problems)) from None
-
-
-def _lists_to_tuples(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _lists_to_tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_lists_to_tuples(v) for v in value)
-    return value
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: resolved settings not found; run the validate_params stage "
+                          "(`dvc repro validate_params`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable resolved settings ({err})") from err
+    try:
+        return validate(schema, data, path.stem)
+    except SectionError as err:
+        raise ConfigError(f"{path}: {err}; run the validate_params stage again") from None
 
 
 def data_root(cfg: DataConfig) -> Path:
     """The dataset folder: $PIPELINE_DATA_ROOT if set, else data.root from params."""
     return Path(os.environ.get(DATA_ROOT_ENV) or cfg.root)
-
-
-def as_dict(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON-able data (tuples become lists), e.g. for metrics files."""
-    if is_dataclass(config):
-        return {f.name: as_dict(getattr(config, f.name)) for f in fields(config)}
-    if isinstance(config, tuple):
-        return [as_dict(v) for v in config]
-    return config

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.config import DataConfig, data_root
 from pipeline.errors import DataError
+from pipeline.io import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -240,17 +241,14 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
 # --- the prepared file: one npz that every downstream stage reads (a DVC-tracked output) ---
 
 def save_prepared(dataset: Dataset, path: Path) -> None:
-    """Write atomically: a temp file renamed into place, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
+    """Write atomically (pipeline.io.atomic_output), so a crash leaves no half file."""
+    with atomic_output(path) as tmp, tmp.open("wb") as handle:
         np.savez(handle, train_images=dataset.train.images.numpy(),
                  train_labels=dataset.train.labels.numpy(),
                  test_images=dataset.test.images.numpy(), test_labels=dataset.test.labels.numpy(),
                  classes=np.array(dataset.classes), mean=np.array(dataset.mean),
                  std=np.array(dataset.std), name=np.array(dataset.name),
                  checksum=np.array(dataset.checksum))
-    tmp.replace(path)
 
 
 def load_prepared(path: str | Path) -> Dataset:

@@ -1,4 +1,9 @@
-"""Small file helpers: atomic JSON/CSV writes and run-wide seeding/threads."""
+"""File helpers: the one atomic-write path, JSON/CSV outputs, hashing, run-wide seeding/threads.
+
+Every file the pipeline writes goes through `atomic_output`: the content is written to a temp
+file beside the target, flushed to disk (fsync), then renamed over the target, so a crash or a
+kill at any moment leaves either the old file or the new one, never half of either.
+"""
 
 import csv
 import hashlib
@@ -6,7 +11,8 @@ import io
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +20,49 @@ import numpy as np
 import torch
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file + rename, so a crash never leaves a half-written file."""
+def _fsync_path(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:  # some file systems do not open directories; the rename still happened
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write `path`'s new content to; on success it replaces `path`.
+
+    The temp file sits in the same folder (a rename across file systems is not atomic) and
+    ends in `.tmp` (ignored by git and DVC). If the body raises, the temp file is removed and
+    `path` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"nothing was written to {tmp} for {path}")
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_path(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -3,8 +3,8 @@
 Both run on the same real (normalised) test images at a given batch size and are compared by
 the max abs difference of their logits, the relative difference max|a - b| / max|a| (a: the
 reference) and top-1 agreement. FP32 representations must agree within 1e-4 relative with every
-top-1 class equal (the exactness rule of METHODS.md); FP16/INT8 files get the looser tolerances
-of params.yaml (export.fp16, export.int8). A violation is a ParityError that prints the measured
+top-1 class equal (the exactness rule of docs/methods.md); FP16/INT8 files get the looser
+tolerances of params.yaml (export.fp16, export.int8). A violation is a ParityError that prints the measured
 and the allowed numbers.
 """
 
@@ -27,7 +27,7 @@ Predict = Callable[[np.ndarray], np.ndarray]  # float32 images (N, C, H, W) -> l
 @dataclass(frozen=True)
 class ParityResult:
     reference: str  # what the candidate is compared against, e.g. "torch"
-    candidate: str  # e.g. "teacher.sim.onnx"
+    candidate: str  # e.g. "teacher.fp32.onnx"
     batch_size: int  # images per forward pass (both sides)
     images: int  # images compared
     max_abs_diff: float

@@ -1,34 +1,26 @@
 """The comparison report: one table of every benchmark row, two charts, and sentences generated
 from the numbers saying where pruning paid off in measured latency and where it did not.
 
-Input rows are the benchmark stage's (metrics/bench_<target>.json "results"). Speedups compare
+Input rows are the benchmark stage's (metrics/benchmark_<target>.json "results"). Speedups compare
 rows of the same target, precision and batch size: measured = p50 of the reference model / p50
 of the row's model; predicted = MACs of the reference / MACs of the row's model.
 """
 
 import json
-import os
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import ReportConfig
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_output, atomic_write_text
 
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 
 
 class ReportError(PipelineError):
     """Benchmark results are missing or not in the benchmark stage's format."""
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    baseline_model: str  # speedups in the table are against this model (the teacher)
-    dense_model: str  # the unpruned student
-    pruned_model: str  # the slimmed student
-    paid_off_speedup: float  # measured speedup (pruned vs dense) that counts as paying off
 
 
 def load_rows(files: Iterable[Path]) -> list[dict[str, Any]]:
@@ -108,7 +100,7 @@ def _where(row: dict) -> str:
     return f"{row['target']} {row['precision']} batch {row['batch_size']}"
 
 
-def pruning_findings(rows: Sequence[dict], settings: ReportSettings) -> list[str]:
+def pruning_findings(rows: Sequence[dict], settings: ReportConfig) -> list[str]:
     """Sentences on the pruned vs dense student, from every group where both were measured."""
     dense, pruned = settings.dense_model, settings.pruned_model
     by_key = {(r["model"], *_group(r)): r for r in rows}
@@ -165,11 +157,9 @@ def accuracy_findings(rows: Sequence[dict]) -> list[str]:
 
 
 def _save_figure(figure, path: Path) -> None:
-    """PNG written to a temp file then renamed, like every other output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    """PNG written atomically, like every other output."""
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def latency_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> None:
@@ -265,7 +255,7 @@ def _provenance_lines(rows: Sequence[dict]) -> list[str]:
     return lines or ["- no target measured anything (every row was skipped or failed)"]
 
 
-def render(rows: Sequence[dict], settings: ReportSettings, models: Sequence[str],
+def render(rows: Sequence[dict], settings: ReportConfig, models: Sequence[str],
            chart_names: tuple[str, str]) -> str:
     """The whole report.md text for rows already sorted."""
     if not rows:
@@ -283,7 +273,7 @@ def render(rows: Sequence[dict], settings: ReportSettings, models: Sequence[str]
         "## Provenance", "", *_provenance_lines(rows), ""])
 
 
-def write_report(rows: Sequence[dict], settings: ReportSettings, models: Sequence[str],
+def write_report(rows: Sequence[dict], settings: ReportConfig, models: Sequence[str],
                  out_dir: Path) -> dict[str, Path]:
     """reports/report.md + latency.png + accuracy_vs_latency.png in `out_dir`."""
     if not rows:
@@ -294,7 +284,5 @@ def write_report(rows: Sequence[dict], settings: ReportSettings, models: Sequenc
     latency_chart(ordered, models, paths["latency"])
     accuracy_chart(ordered, models, paths["accuracy"])
     text = render(ordered, settings, models, (paths["latency"].name, paths["accuracy"].name))
-    tmp = paths["report"].with_name("report.md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, paths["report"])
+    atomic_write_text(paths["report"], text)
     return paths

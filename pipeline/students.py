@@ -9,8 +9,8 @@ from pipeline.checkpoint import load_model, read_checkpoint
 from pipeline.config import DistillConfig
 from pipeline.distill import DistillationLoss, FrozenTeacher
 from pipeline.errors import CheckpointError
-from pipeline.gates import GatedModel, attach_gates
 from pipeline.models import build_model
+from pipeline.prune.gates import GatedModel, attach_gates
 from pipeline.training import LossFn
 
 
@@ -37,7 +37,7 @@ def distillation_loss_fn(teacher: FrozenTeacher, cfg: DistillConfig, label_smoot
 
 
 def load_gated(path, device: torch.device) -> tuple[GatedModel, dict, dict]:
-    """A gated student saved by distill_prune: rebuilt from its spec, gates re-attached."""
+    """A gated student saved by the student_gated stage: rebuilt from its spec, gates re-attached."""
     payload = read_checkpoint(path)
     model = build_model(payload["spec"]).to(device)
     example = torch.zeros(1, *payload["meta"]["input_shape"], device=device)

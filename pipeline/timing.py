@@ -8,31 +8,18 @@ clock, so a plan means the same wall-clock budget everywhere.
 """
 
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TypeVar
 
-from pipeline.errors import ConfigError
+import numpy as np
+
+from pipeline.config import TimingPlan
 
 Sample = TypeVar("Sample")
-
-
-@dataclass(frozen=True)
-class TimingPlan:
-    warmup_iters: int  # throw-away calls before timing (at least this many)
-    warmup_seconds: float  # ... and at least this long
-    min_iters: int  # timed calls: at least this many
-    min_seconds: float  # ... and at least this long in total
-
-    def __post_init__(self) -> None:
-        if self.min_iters < 1 or self.warmup_iters < 0:
-            raise ConfigError(f"timing plan needs min_iters >= 1 and warmup_iters >= 0, got "
-                              f"min_iters={self.min_iters}, warmup_iters={self.warmup_iters}")
-        if self.min_seconds < 0 or self.warmup_seconds < 0:
-            raise ConfigError(f"timing plan durations must be >= 0 s, got warmup_seconds="
-                              f"{self.warmup_seconds}, min_seconds={self.min_seconds}")
+__all__ = ["LatencyStats", "TimingPlan", "measure_latency", "measure_phases", "phase_stats",
+           "run_plan", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -52,27 +39,19 @@ class LatencyStats:
         return asdict(self)
 
 
-def percentile(sorted_samples: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of already sorted samples, q in [0, 100]."""
-    if not sorted_samples:
-        raise ValueError("percentile of no samples")
-    position = (len(sorted_samples) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    weight = position - low
-    return sorted_samples[low] * (1 - weight) + sorted_samples[high] * weight
-
-
 def summarize(samples_s: Sequence[float], batch_size: int) -> LatencyStats:
-    """Statistics of per-call latencies given in seconds."""
-    ordered = sorted(samples_s)
-    p50 = percentile(ordered, 50)
+    """Statistics of per-call latencies given in seconds (percentiles: numpy's linear rule)."""
+    if not len(samples_s):
+        raise ValueError("statistics of no samples")
+    samples = np.asarray(samples_s, dtype=np.float64)
+    p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
     return LatencyStats(
-        n=len(ordered),
+        n=len(samples),
         p50_ms=1e3 * p50,
-        p90_ms=1e3 * percentile(ordered, 90),
-        p99_ms=1e3 * percentile(ordered, 99),
-        mean_ms=1e3 * statistics.fmean(ordered),
-        std_ms=1e3 * statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
+        p90_ms=1e3 * p90,
+        p99_ms=1e3 * p99,
+        mean_ms=1e3 * float(samples.mean()),
+        std_ms=1e3 * float(samples.std(ddof=1)) if len(samples) > 1 else 0.0,
         batch_size=batch_size,
         throughput=batch_size / p50 if p50 > 0 else math.inf,
     )
@@ -123,6 +102,6 @@ def phase_stats(samples: Sequence[dict[str, float]], batch_size: int,
     if not samples:
         raise ValueError("phase statistics of no samples")
     totals = [sum(sample.values()) for sample in samples]
-    medians = {phase: 1e3 * statistics.median(sample[phase] for sample in samples)
+    medians = {phase: 1e3 * float(np.median([sample[phase] for sample in samples]))
                for phase in samples[0]}
     return replace(summarize(totals, batch_size), clock=clock_name, phase_p50_ms=medians)

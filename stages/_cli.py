@@ -1,11 +1,26 @@
-"""What every stage's main() shares: logging setup and a clean exit on a PipelineError."""
+"""What every stage's main() shares: logging, a clean exit on a PipelineError, and reading the
+stage's validated settings back from resolved/ (written by the validate_params stage).
+
+A stage declares what it reads as a `Settings` dataclass whose fields are sections: field `x`
+comes from resolved/x.json, or from the file its `resolved` metadata names (e.g. a target's
+settings, resolved/targets/onnxruntime-cpu.json). dvc.yaml lists exactly those files as the
+stage's deps (tests/test_dvc_deps.py checks it), so a stage re-runs when, and only when, the
+values it reads change - whichever profile set them.
+"""
 
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pipeline.errors import PipelineError
+
+RESOLVED = Path("resolved")
+Settings = TypeVar("Settings")
 
 
 def run_main(body: Callable[[], object]) -> None:
@@ -19,11 +34,25 @@ def run_main(body: Callable[[], object]) -> None:
         sys.exit(2)
 
 
-def params_stage_main(doc: str, run: Callable[..., object], paths: object) -> None:
-    """main() of a stage that reads params.yaml and writes fixed paths: run(params, paths)."""
-    from pipeline.config import load_params  # keeps `import stages._cli` free of pydantic/torch
+def resolved_files(schema: type) -> dict[str, str]:
+    """Field -> file stem under resolved/ for a stage's Settings dataclass."""
+    return {f.name: f.metadata.get("resolved", f.name) for f in fields(schema)}
 
+
+def load_settings(schema: type[Settings], resolved: Path = RESOLVED) -> Settings:
+    """The stage's Settings, each field validated against its type from its resolved file."""
+    from pipeline.config import load_section  # keeps `import stages._cli` free of pydantic
+
+    types = typing.get_type_hints(schema)
+    return schema(**{name: load_section(types[name], resolved / f"{stem}.json")
+                     for name, stem in resolved_files(schema).items()})
+
+
+def stage_main(doc: str, run: Callable[[Any, Any], object], schema: type,
+               paths: object) -> None:
+    """main() of a stage that reads resolved settings and writes fixed paths: run(s, paths)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--resolved", type=Path, default=RESOLVED,
+                        help="folder of validated settings (the validate_params stage's output)")
     args = parser.parse_args()
-    run_main(lambda: run(load_params(args.params), paths))
+    run_main(lambda: run(load_settings(schema, args.resolved), paths))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.codebase import code_hash, module_of
-from pipeline.config import Params, TrainConfig, as_dict
+from pipeline.config import RunConfig, TrainConfig, as_dict
 from pipeline.data import BatchLoader, Dataset, load_prepared
 from pipeline.flops import ModelCost, model_cost
 from pipeline.io import (
@@ -20,6 +20,32 @@ from pipeline.io import (
     write_json,
 )
 from pipeline.training import FitResult, make_loaders, resolve_device
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    """What a training stage reads and writes; its outputs are named after the stage."""
+
+    stage: str
+    dataset: Path = Path("data/prepared.npz")
+    teacher: Path = Path("models/teacher.pt")
+    start: Path | None = None  # the model training starts from, if not a fresh one
+
+    @property
+    def model(self) -> Path:
+        return Path("models") / f"{self.stage}.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return Path("metrics") / f"{self.stage}.json"
+
+    @property
+    def plots(self) -> Path:
+        return Path("plots") / f"{self.stage}.csv"
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path("checkpoints") / f"{self.stage}.pt"
 
 
 @dataclass(frozen=True)
@@ -51,13 +77,13 @@ class StageContext:
                 "macs": cost.macs, **extra}
 
 
-def start_stage(params: Params, dataset_path: Path, stage_file: str) -> StageContext:
+def start_stage(common: RunConfig, dataset_path: Path, stage_file: str) -> StageContext:
     """Seed, set threads, load the data. stage_file: the stage's `__file__` (whose code is hashed;
     `__file__` rather than the module name, which is "__main__" under `python -m`)."""
-    seed_everything(params.common.seed)
-    set_threads(params.common.threads)
+    seed_everything(common.seed)
+    set_threads(common.threads)
     dataset = load_prepared(dataset_path)
-    return StageContext(resolve_device(params.common.device), dataset, file_sha256(dataset_path),
+    return StageContext(resolve_device(common.device), dataset, file_sha256(dataset_path),
                         code_hash(module_of(Path(stage_file))))
 
 
@@ -66,14 +92,14 @@ def cost_of(model: nn.Module, ctx: StageContext) -> ModelCost:
 
 
 def training_metrics(result: FitResult, cfg: TrainConfig, ctx: StageContext,
-                     params: Params) -> dict[str, Any]:
+                     common: RunConfig) -> dict[str, Any]:
     """The metrics every training stage reports, from its fit result."""
     return {"top1": result.history[-1]["test_top1"], "epochs": cfg.epochs,
             "train_seconds": round(result.train_seconds, 2),
             "images_per_second": round(result.images_per_second, 1), "device": str(ctx.device),
             "amp": result.amp, "dataset": ctx.dataset.name, "data_checksum": ctx.dataset.checksum,
             "train_images": len(ctx.dataset.train), "test_images": len(ctx.dataset.test),
-            "profile": params.profile}
+            "profile": common.profile}
 
 
 def write_curves_and_metrics(result: FitResult, plots: Path, metrics_path: Path,

@@ -1,17 +1,17 @@
 """benchmark stage: latency and accuracy of every model x precision x batch size on ONE target.
 
 DVC runs it once per target listed in params (foreach). For each model and precision it loads
-the artifact on the target (models/<m>.pt for PyTorch targets, artifacts/<m>.<sim|fp16|int8>.onnx
+the artifact on the target (models/<m>.pt for PyTorch targets, artifacts/<m>.<precision>.onnx
 for the others), measures top-1 on the prepared test images through that runtime and its top-1
-agreement with the PyTorch model, then the latency distribution per batch size. Every row has a
-status - ok, skipped (target or batch size not available here, with the reason) or failed (with
-the error) - and the provenance of the machine that produced it. Writes
-metrics/bench_<target>.json and plots/bench_<target>.csv.
+agreement with the PyTorch model, then the latency distribution per batch size, through the one
+measuring path (targets.measure). Every row has a status - ok, skipped (target or batch size
+not available here, with the reason) or failed (with the error) - and the provenance of the
+machine that produced it. Writes metrics/benchmark_<target>.json and
+plots/benchmark_<target>.csv.
 """
 
 import argparse
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,39 +20,43 @@ import numpy as np
 import torch
 
 from pipeline import provenance
+from pipeline.artifacts import artifact_path
 from pipeline.checkpoint import LoadedModel, load_model
-from pipeline.config import BenchmarkConfig, as_dict, load_params
+from pipeline.config import BenchmarkConfig, load_section
 from pipeline.data import Dataset, balanced_subset, load_prepared
-from pipeline.errors import CheckpointError, TargetUnavailable
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.flops import model_cost
 from pipeline.io import write_csv, write_json
-from pipeline.timing import TimingPlan
-from stages._cli import run_main
-from targets import TARGETS
-from targets.base import Runner, Target, TensorSpec
-from targets.ssh import SshSettings, SshTarget, UnsupportedOperation
+from stages._cli import RESOLVED, load_settings, run_main
+from targets.base import Runner, Target, TensorSpec, UnsupportedOperation
+from targets.measure import measure
+from targets.registry import make_target, target_class
 
 log = logging.getLogger("benchmark")
-ONNX_SUFFIX = {"fp32": "sim", "fp16": "fp16", "int8": "int8"}  # artifacts/<m>.<suffix>.onnx
+
+
+@dataclass(frozen=True)
+class Settings:
+    benchmark: BenchmarkConfig  # the target's own settings: resolved/targets/<target>.json
 
 
 @dataclass(frozen=True)
 class BenchPaths:
-    metrics: Path  # metrics/bench_<target>.json
-    plots: Path  # plots/bench_<target>.csv
+    metrics: Path  # metrics/benchmark_<target>.json
+    plots: Path  # plots/benchmark_<target>.csv
     dataset: Path = Path("data/prepared.npz")
     models_dir: Path = Path("models")
     artifacts_dir: Path = Path("artifacts")
 
     @classmethod
     def for_target(cls, target_name: str) -> "BenchPaths":
-        return cls(Path(f"metrics/bench_{target_name}.json"),
-                   Path(f"plots/bench_{target_name}.csv"))
+        return cls(Path(f"metrics/benchmark_{target_name}.json"),
+                   Path(f"plots/benchmark_{target_name}.csv"))
 
     def artifact(self, target: Target, model: str, precision: str) -> Path:
         if target.source == "checkpoint":  # PyTorch targets run model files
             return self.models_dir / f"{model}.pt"
-        return self.artifacts_dir / f"{model}.{ONNX_SUFFIX[precision]}.onnx"
+        return artifact_path(self.artifacts_dir, model, precision)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,11 @@ class EvalSet:
             return images
         return ((images.astype(np.float32) / 255 - self.mean) / self.std).astype(spec.dtype)
 
+    def feeds(self, spec: TensorSpec, batch: int) -> dict[str, np.ndarray]:
+        """One call's inputs: real images, repeated when there are fewer than `batch`."""
+        inputs = self.inputs_for(spec)
+        return {spec.name: inputs[np.arange(batch) % len(inputs)]}
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -78,26 +87,6 @@ class Reference:
     predictions: np.ndarray  # its top-1 class for every eval image
     macs: int
     params: int
-
-
-def make_target(name: str, cfg: BenchmarkConfig) -> Target:
-    """The registered target `name`, constructed with its section of the benchmark config."""
-    target_class = TARGETS[name]
-    if issubclass(target_class, SshTarget):
-        return target_class(SshSettings(**as_dict(cfg.ssh) | {
-            "remote_python": tuple(cfg.ssh.remote_python), "providers": tuple(cfg.ssh.providers)}))
-    if name == "onnxruntime-cpu":
-        return target_class(cfg.onnxruntime)
-    return target_class(threads=cfg.torch_threads)
-
-
-def threads_of(target: Target, cfg: BenchmarkConfig) -> int:
-    """Intra-op threads the target was given (0 = its runtime's default), for provenance."""
-    if isinstance(target, SshTarget):
-        return cfg.ssh.threads
-    if target.name == "onnxruntime-cpu":
-        return cfg.onnxruntime.intra_op_threads
-    return cfg.torch_threads
 
 
 def eval_set(dataset: Dataset, limit: int, loaded: LoadedModel) -> EvalSet:
@@ -119,106 +108,20 @@ def reference_for(loaded: LoadedModel, evalset: EvalSet, batch: int = 256) -> Re
     return Reference(np.concatenate(predictions), cost.macs, cost.params)
 
 
-def fixed_batch(spec: TensorSpec) -> int | None:
-    return spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
+    """accuracy(runner): top-1 on the eval images and top-1 agreement with PyTorch."""
 
+    def accuracy(runner: Runner) -> dict[str, Any]:
+        spec = runner.inputs[0]
+        try:
+            predicted = runner.predict_classes(evalset.inputs_for(spec), batch)
+        except UnsupportedOperation as err:
+            return {"top1": None, "agreement": None, "eval_images": 0, "accuracy_note": str(err)}
+        return {"top1": float(np.mean(predicted == evalset.labels)),
+                "agreement": float(np.mean(predicted == reference.predictions)),
+                "eval_images": len(evalset.labels), "accuracy_note": ""}
 
-def predict_classes(runner: Runner, inputs: np.ndarray, batch: int) -> np.ndarray:
-    """Top-1 class of every input through the runner, `batch` at a time (tail padded when the
-    artifact's batch is fixed). Remote runners classify on the device in one round trip."""
-    if hasattr(runner, "predict_classes"):
-        return runner.predict_classes(inputs, batch)
-    spec = runner.inputs[0]
-    labels = []
-    for start in range(0, len(inputs), batch):
-        chunk = inputs[start:start + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), 0)]) \
-            if fixed_batch(spec) and len(chunk) < batch else chunk
-        logits = next(iter(runner.infer({spec.name: padded}).values()))
-        labels.append(np.asarray(logits)[:len(chunk)].argmax(1))
-    return np.concatenate(labels)
-
-
-def accuracy(runner: Runner, evalset: EvalSet, reference: Reference, batch: int) -> dict:
-    """top-1 on the eval images and top-1 agreement with PyTorch, through this runtime."""
-    spec = runner.inputs[0]
-    try:
-        predicted = predict_classes(runner, evalset.inputs_for(spec), fixed_batch(spec) or batch)
-    except UnsupportedOperation as err:
-        return {"top1": None, "agreement": None, "eval_images": 0, "accuracy_note": str(err)}
-    return {"top1": float(np.mean(predicted == evalset.labels)),
-            "agreement": float(np.mean(predicted == reference.predictions)),
-            "eval_images": len(evalset.labels), "accuracy_note": ""}
-
-
-def timing_plan(cfg: BenchmarkConfig) -> TimingPlan:
-    t = cfg.timing
-    return TimingPlan(t.warmup_iters, t.warmup_seconds, t.min_iters, t.min_seconds)
-
-
-def latency_fields(stats) -> dict[str, Any]:
-    phases = {f"{phase}_p50_ms": value for phase, value in stats.phase_p50_ms.items()}
-    return {"p50_ms": stats.p50_ms, "p90_ms": stats.p90_ms, "p99_ms": stats.p99_ms,
-            "mean_ms": stats.mean_ms, "std_ms": stats.std_ms, "n": stats.n,
-            "images_per_s": stats.throughput, "clock": stats.clock, **phases}
-
-
-def benchmark_batch(runner: Runner, evalset: EvalSet, batch: int, plan: TimingPlan) -> dict:
-    """One batch size's latency row fields; a failure here spares the other batch sizes."""
-    spec = runner.inputs[0]
-    if fixed_batch(spec) not in (None, batch):
-        return {"status": "skipped", "reason": f"the artifact's batch size is fixed at "
-                f"{fixed_batch(spec)}"}
-    inputs = evalset.inputs_for(spec)
-    feeds = {spec.name: inputs[np.arange(batch) % len(inputs)]}  # real images, repeated if few
-    try:
-        stats = runner.benchmark(feeds, plan)
-    except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large batch: a failed row
-        log.exception("batch %d failed", batch)
-        return {"status": "failed", "reason": f"{type(err).__name__}: {err}"}
-    return {"status": "ok", "reason": "", **latency_fields(stats)}
-
-
-def measure_artifact(target: Target, artifact: Path, evalset: EvalSet, reference: Reference,
-                     cfg: BenchmarkConfig) -> list[dict]:
-    """Accuracy once, then latency per batch size, of one artifact on the target."""
-    with tempfile.TemporaryDirectory() as build_dir:
-        built = target.build(artifact, Path(build_dir))  # runtime-side files live only here
-        with target.load(built) as runner:
-            if len(runner.inputs) != 1:
-                raise TargetUnavailable(f"{artifact}: expected one image input, found "
-                                        f"{[spec.name for spec in runner.inputs]}")
-            measured = accuracy(runner, evalset, reference, max(cfg.batch_sizes))
-            rows = []
-            for batch in cfg.batch_sizes:
-                fields = benchmark_batch(runner, evalset, batch, timing_plan(cfg))
-                device = dict(runner.device_info) if runner.device_info else None  # a copy
-                rows.append({"batch_size": batch, **measured, **fields, "device": device})
-                log.info("%s %s b%d: %s %s", artifact.name, target.name, batch, fields["status"],
-                         f"p50 {fields['p50_ms']:.3f} ms" if "p50_ms" in fields else
-                         fields["reason"])
-    return rows
-
-
-def artifact_rows(target: Target, availability: tuple[bool, str], artifact: Path,
-                  evalset: EvalSet, reference: Reference, cfg: BenchmarkConfig) -> list[dict]:
-    """Rows for every batch size of one artifact: measured, skipped or failed, never missing."""
-    ok, reason = availability
-
-    def every_batch(status: str, why: str) -> list[dict]:
-        return [{"batch_size": b, "status": status, "reason": why} for b in cfg.batch_sizes]
-
-    if not ok:
-        return every_batch("skipped", reason)
-    if not artifact.is_file():
-        return every_batch("failed", f"artifact {artifact} not found (run the export stage)")
-    try:
-        return measure_artifact(target, artifact, evalset, reference, cfg)
-    except TargetUnavailable as err:  # e.g. the edge device lacks the runtime
-        return every_batch("skipped", str(err))
-    except Exception as err:  # noqa: BLE001 - a runtime's failure is a result row, not a crash
-        log.exception("%s on %s failed", artifact, target.name)
-        return every_batch("failed", f"{type(err).__name__}: {err}")
+    return accuracy
 
 
 COLUMNS = ("model", "target", "precision", "batch_size", "status", "reason", "top1", "agreement",
@@ -235,27 +138,34 @@ def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
     return row
 
 
-def run(cfg: BenchmarkConfig, target_name: str, models: tuple[str, ...],
-        out_paths: BenchPaths) -> list[dict]:
-    target = make_target(target_name, cfg)
+def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfig,
+               out_paths: BenchPaths) -> list[dict]:
+    """Every precision x batch size row of one model on the target (provenance added later)."""
+    loaded = load_model(out_paths.models_dir / f"{model}.pt")
+    evalset = eval_set(dataset, cfg.eval_images, loaded)
+    reference = reference_for(loaded, evalset)
+    rows = []
+    for precision in cfg.targets[target.name]:
+        artifact = out_paths.artifact(target, model, precision)
+        identity = {"model": model, "target": target.name, "precision": precision,
+                    "artifact": str(artifact), "macs": reference.macs,
+                    "params": reference.params, "size_mb": size_mb(artifact)}
+        partials = measure(target, artifact, cfg.batch_sizes, cfg.timing, evalset.feeds,
+                           accuracy_through(evalset, reference, max(cfg.batch_sizes)),
+                           missing_hint=" (run the export stage)")
+        rows += [(partial, identity) for partial in partials]
+    return rows
+
+
+def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dict]:
     availability = target.available()
     if not availability[0]:
-        log.warning("target %s is not available here: %s", target_name, availability[1])
+        log.warning("target %s is not available here: %s", target.name, availability[1])
     dataset = load_prepared(out_paths.dataset)
-    run_provenance = provenance.collect(threads_of(target, cfg), runtime=target_name)
-    rows = []
-    for model in models:
-        loaded = load_model(out_paths.models_dir / f"{model}.pt")
-        evalset = eval_set(dataset, cfg.eval_images, loaded)
-        reference = reference_for(loaded, evalset)
-        for precision in cfg.targets[target_name]:
-            artifact = out_paths.artifact(target, model, precision)
-            identity = {"model": model, "target": target_name, "precision": precision,
-                        "artifact": str(artifact), "macs": reference.macs,
-                        "params": reference.params, "size_mb": size_mb(artifact)}
-            for partial in artifact_rows(target, availability, artifact, evalset, reference, cfg):
-                rows.append(complete_row(partial, identity, run_provenance))
-    write_results(rows, target_name, availability, out_paths)
+    run_provenance = provenance.collect(target.threads, runtime=target.name)
+    rows = [complete_row(partial, identity, run_provenance) for model in cfg.models
+            for partial, identity in model_rows(target, model, dataset, cfg, out_paths)]
+    write_results(rows, target.name, availability, out_paths)
     return rows
 
 
@@ -282,20 +192,24 @@ def write_results(rows: list[dict], target_name: str, availability: tuple[bool, 
     write_csv(out_paths.plots, [csv_row(row) for row in rows])
 
 
+def load_target(name: str, resolved: Path) -> Target:
+    """Target `name` built from its resolved settings (resolved/targets/<name>.json)."""
+    settings = load_section(target_class(name).Settings, resolved / "targets" / f"{name}.json")
+    return make_target(name, settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--resolved", type=Path, default=RESOLVED)
     parser.add_argument("--target", required=True, help="a key of benchmark.targets in params")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from pipeline.errors import ConfigError
-
-        cfg = load_params(args.params).benchmark
+        cfg = load_settings(Settings, args.resolved).benchmark
         if args.target not in cfg.targets:
-            raise ConfigError(f"{args.params}: --target {args.target!r} is not listed in "
-                              f"benchmark.targets ({', '.join(cfg.targets)})")
-        run(cfg, args.target, cfg.models, BenchPaths.for_target(args.target))
+            raise ConfigError(f"--target {args.target!r} is not listed in benchmark.targets "
+                              f"({', '.join(cfg.targets)})")
+        run(cfg, load_target(args.target, args.resolved), BenchPaths.for_target(args.target))
 
     run_main(body)
 

@@ -1,6 +1,6 @@
 """compression stage: the paper's table - teacher, unpruned student, pruned student.
 
-Reads metrics/teacher.json, metrics/student_dense.json, metrics/finetune.json and writes
+Reads metrics/teacher.json, metrics/student_dense.json, metrics/student_final.json and writes
 metrics/compression.json with top-1, params and MACs of each, and the reductions of the pruned
 student relative to the unpruned one (as PDD reports them).
 """
@@ -15,7 +15,7 @@ from stages._cli import run_main
 
 SOURCES = {"teacher": Path("metrics/teacher.json"),
            "student_dense": Path("metrics/student_dense.json"),
-           "student_final": Path("metrics/finetune.json")}
+           "student_final": Path("metrics/student_final.json")}
 
 
 def read_metrics(path: Path) -> dict:

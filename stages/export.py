@@ -1,15 +1,19 @@
-"""export stage: one trained model -> verified ONNX files (FP32, simplified FP32, FP16, INT8).
+"""export stage: one trained model -> verified ONNX files (FP32, FP16, INT8) with cards.
 
-For model <m> (DVC runs it once per model) it writes artifacts/<m>.onnx, <m>.sim.onnx,
-<m>.fp16.onnx and <m>.int8.onnx, a <file>.card.json beside each, and metrics/export_<m>.json:
-per file its parity with PyTorch at batch 1 and at the parity batch, batch-1 vs large-batch
-consistency, node counts, size and ONNX Runtime top-1 on the test set. Any failed gate stops the
-stage before a card is written, so `load_verified_onnx` refuses what a failed run left behind.
+For model <m> (DVC runs it once per model) it exports the model, simplifies the graph and
+writes artifacts/<m>.fp32.onnx (the simplified export), <m>.fp16.onnx and <m>.int8.onnx
+(names: pipeline.artifacts), a <file>.card.json beside each, and metrics/export_<m>.json: per
+file - the unsimplified export included, which is kept only while the stage runs - its parity
+with PyTorch at batch 1 and at the parity batch, batch-1 vs large-batch consistency, node
+counts, size and ONNX Runtime top-1 on the test set. Parity runs in ONNX Runtime with the
+onnxruntime-cpu target's settings. Any failed gate stops the stage before a card is written, so
+`load_verified_onnx` refuses what a failed run left behind.
 """
 
 import argparse
 import logging
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +21,22 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.cards import (
-    card_path,
+from pipeline.artifacts import artifact_path, card_path
+from pipeline.checkpoint import LoadedModel, load_model
+from pipeline.config import ExportConfig, ParityTolerance, RunConfig, as_dict
+from pipeline.data import Dataset, balanced_subset, load_prepared, normalize
+from pipeline.errors import DataError
+from pipeline.export.cards import (
     describe_source,
     embed_card,
     make_card,
     provenance,
     write_card,
 )
-from pipeline.checkpoint import LoadedModel, load_model
-from pipeline.config import ExportConfig, ParityTolerance, as_dict, load_params
-from pipeline.data import Dataset, balanced_subset, load_prepared, normalize
-from pipeline.errors import DataError
+from pipeline.export.onnx_export import export_onnx, node_counts, save_onnx
+from pipeline.export.quantize import check_int8_drop, convert_fp16, quantize_int8
+from pipeline.export.simplify import SimplifyReport, simplify
 from pipeline.io import file_sha256, set_threads, write_json
-from pipeline.onnx_export import export_onnx, node_counts, save_onnx
 from pipeline.parity import (
     FP32_TOLERANCE,
     batched_logits,
@@ -40,16 +46,22 @@ from pipeline.parity import (
     top1_accuracy,
     torch_predictor,
 )
-from pipeline.quantize import check_int8_drop, convert_fp16, quantize_int8
-from pipeline.simplify import SimplifyReport, simplify
-from stages._cli import run_main
-from targets.onnxruntime_cpu import OnnxRuntimeCpuTarget
+from stages._cli import RESOLVED, load_settings, run_main
+from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings, OnnxRuntimeCpuTarget
 
 log = logging.getLogger("stages.export")
 
-# variant -> (file suffix, precision); the keys are also the keys of metrics["files"]
-VARIANTS = {"onnx": (".onnx", "fp32"), "sim": (".sim.onnx", "fp32"),
-            "fp16": (".fp16.onnx", "fp16"), "int8": (".int8.onnx", "int8")}
+# variant -> precision; the keys are also the keys of metrics["files"]. "exported" is the
+# exporter's own graph, checked and then dropped; the others are shipped under their precision.
+VARIANTS = {"exported": "fp32", "fp32": "fp32", "fp16": "fp16", "int8": "int8"}
+SHIPPED = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Settings:
+    common: RunConfig
+    export: ExportConfig
+    onnxruntime: OnnxRuntimeCpuSettings = field(metadata={"resolved": "targets/onnxruntime-cpu"})
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ def build_variants(loaded: LoadedModel, cfg: ExportConfig, images: Images,
     simplified, report = simplify(exported, cfg.simplifier)
     log.info("converting to FP16; quantising to INT8 (%s calibration, %d images)",
              cfg.quantize.calibration_method, cfg.quantize.calibration_images)
-    variants = {"onnx": exported, "sim": simplified, "fp16": convert_fp16(simplified),
+    variants = {"exported": exported, "fp32": simplified, "fp16": convert_fp16(simplified),
                 "int8": quantize_int8(simplified, images.calibration, cfg.quantize)}
     return variants, report
 
@@ -96,9 +108,9 @@ def build_variants(loaded: LoadedModel, cfg: ExportConfig, images: Images,
 def export_details(variant: str, cfg: ExportConfig, name: str) -> dict[str, Any]:
     """What made this file, for its card."""
     details: dict[str, Any] = {"exporter": f"torch.onnx dynamo (torch {torch.__version__})",
-                               "simplifier": None if variant == "onnx" else cfg.simplifier}
+                               "simplifier": cfg.simplifier}
     if variant in ("fp16", "int8"):
-        details["derived_from"] = f"{name}{VARIANTS['sim'][0]}"
+        details["derived_from"] = artifact_path(".", name, "fp32").name
     if variant == "fp16":
         details["conversion"] = "onnxruntime.transformers.float16, keep_io_types=True"
     if variant == "int8":
@@ -146,24 +158,25 @@ def file_entry(path: Path, proto: onnx.ModelProto, precision: str, top1: float,
 
 
 def save_variants(variants: dict[str, onnx.ModelProto], cards: dict[str, dict[str, Any]],
-                  out_dir: Path, name: str) -> dict[str, Path]:
-    """Each variant with its card embedded, as <out_dir>/<name><suffix>; no card file yet."""
-    paths = {}
-    for variant, proto in variants.items():
-        embed_card(proto, cards[variant])
-        paths[variant] = out_dir / f"{name}{VARIANTS[variant][0]}"
+                  out_dir: Path, work_dir: Path, name: str) -> dict[str, Path]:
+    """Shipped variants with their card embedded in out_dir (no card file yet); the exporter's
+    own graph in work_dir."""
+    paths = {"exported": save_onnx(variants["exported"], work_dir / f"{name}.exported.onnx")}
+    for variant in SHIPPED:
+        embed_card(variants[variant], cards[variant])
+        paths[variant] = artifact_path(out_dir, name, variant)
         card_path(paths[variant]).unlink(missing_ok=True)  # a stale card must not vouch for it
-        save_onnx(proto, paths[variant])
+        save_onnx(variants[variant], paths[variant])
     return paths
 
 
 def verify_variants(paths: dict[str, Path], variants: dict[str, onnx.ModelProto],
-                    loaded: LoadedModel, images: Images, cfg: ExportConfig) -> dict[str, Any]:
+                    loaded: LoadedModel, images: Images, cfg: ExportConfig,
+                    target: OnnxRuntimeCpuTarget) -> dict[str, Any]:
     """Parity gates and top-1 of every file through ONNX Runtime; raises on a failed gate."""
     batches = (1, cfg.parity_batch)
     predict = torch_predictor(loaded.model)
     reference = {b: batched_logits(predict, images.parity, b) for b in batches}
-    target = OnnxRuntimeCpuTarget(cfg.runtime)
     files: dict[str, Any] = {}
     logits: dict[str, dict[int, np.ndarray]] = {}
     for variant, path in paths.items():
@@ -172,15 +185,15 @@ def verify_variants(paths: dict[str, Path], variants: dict[str, onnx.ModelProto]
         tolerance = tolerance_for(variant, cfg)
         parity = {**reference_gates(path.name, logits[variant], reference, "torch", tolerance),
                   **consistency_gate(path.name, logits[variant], tolerance)}
-        if variant == "sim":  # the simplifier must not change the exported function
-            parity.update(reference_gates(path.name, logits["sim"], logits["onnx"], "onnx",
-                                          FP32_TOLERANCE))
-        files[variant] = file_entry(path, variants[variant], VARIANTS[variant][1], top1, parity)
+        if variant == "fp32":  # the simplifier must not change the exported function
+            parity.update(reference_gates(path.name, logits["fp32"], logits["exported"],
+                                          "exported", FP32_TOLERANCE))
+        files[variant] = file_entry(path, variants[variant], VARIANTS[variant], top1, parity)
     return files
 
 
-def run(cfg: ExportConfig, model_path: Path, dataset_path: Path, out_dir: Path,
-        name: str | None = None) -> dict[str, Any]:
+def run(cfg: ExportConfig, runtime: OnnxRuntimeCpuSettings, model_path: Path,
+        dataset_path: Path, out_dir: Path, name: str | None = None) -> dict[str, Any]:
     """Export, verify and card every variant of one model; returns the metrics dict."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     name = name or model_path.stem
@@ -190,29 +203,32 @@ def run(cfg: ExportConfig, model_path: Path, dataset_path: Path, out_dir: Path,
     input_shape = tuple(int(v) for v in loaded.meta["input_shape"])
     variants, simplify_report = build_variants(loaded, cfg, images, input_shape)
     record = provenance()
-    cards = {variant: make_card(source, VARIANTS[variant][1], cfg.opset,
+    cards = {variant: make_card(source, VARIANTS[variant], cfg.opset,
                                 export_details(variant, cfg, name), record)
-             for variant in variants}
-    paths = save_variants(variants, cards, out_dir, name)
-    files = verify_variants(paths, variants, loaded, images, cfg)
-    drop = check_int8_drop(files["sim"]["top1"], files["int8"]["top1"],
+             for variant in SHIPPED}
+    with tempfile.TemporaryDirectory(prefix="export-") as work_dir:
+        paths = save_variants(variants, cards, out_dir, Path(work_dir), name)
+        files = verify_variants(paths, variants, loaded, images, cfg,
+                                OnnxRuntimeCpuTarget(runtime))
+    files["exported"]["path"] = None  # checked, not shipped
+    drop = check_int8_drop(files["fp32"]["top1"], files["int8"]["top1"],
                            cfg.quantize.max_top1_drop)
     torch_top1 = top1_accuracy(batched_logits(torch_predictor(loaded.model), images.test,
                                               cfg.eval_batch), images.labels)
-    for variant, path in paths.items():  # every gate passed: now the files may be vouched for
-        write_card(path, cards[variant], {"onnxruntime_top1": files[variant]["top1"],
-                                          "test_images": len(images.labels)})
+    for variant in SHIPPED:  # every gate passed: now the files may be vouched for
+        write_card(paths[variant], cards[variant], {"onnxruntime_top1": files[variant]["top1"],
+                                                    "test_images": len(images.labels)})
     return {"model": name, "source_model": str(model_path), "opset": cfg.opset,
             "test_images": len(images.labels), "parity_images": len(images.parity),
             "parity_batches": [1, cfg.parity_batch], "checkpoint_top1": loaded.meta["top1"],
             "torch_top1": torch_top1, "int8_top1_drop_points": drop,
             "simplify": simplify_report.as_dict(), "files": files,
-            "quantize": as_dict(cfg.quantize), "runtime": as_dict(cfg.runtime)}
+            "quantize": as_dict(cfg.quantize), "runtime": as_dict(runtime)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--resolved", type=Path, default=RESOLVED)
     parser.add_argument("--name", required=True, help="model name, e.g. teacher")
     parser.add_argument("--model", type=Path, help="model file (default models/<name>.pt)")
     parser.add_argument("--data", type=Path, default=Path("data/prepared.npz"))
@@ -225,9 +241,10 @@ def main() -> None:
     def body() -> None:
         for chatty in ("onnxscript", "onnx_ir"):  # the exporter's passes log every rewrite at INFO
             logging.getLogger(chatty).setLevel(logging.WARNING)
-        params = load_params(args.params)
-        set_threads(params.common.threads)
-        write_json(metrics, run(params.export, model, args.data, args.out_dir, args.name))
+        settings = load_settings(Settings, args.resolved)
+        set_threads(settings.common.threads)
+        write_json(metrics, run(settings.export, settings.onnxruntime, model, args.data,
+                                args.out_dir, args.name))
 
     run_main(body)
 

@@ -1,16 +1,29 @@
 """prepare_data stage: read the configured dataset once, verify it, write one npz for all stages.
 
 Writes data/prepared.npz (uint8 images + labels, class names, mean/std, checksum status) and
-metrics/data.json. Downstream stages depend on the npz, so DVC reruns them when the data changes.
+metrics/prepare_data.json. Downstream stages depend on the npz, so DVC reruns them when the
+data changes.
 """
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DataConfig, data_root, load_params
+from pipeline.config import DataConfig, RunConfig, data_root
 from pipeline.data import Dataset, load_dataset, save_prepared
 from pipeline.io import write_json
-from stages._cli import run_main
+from stages._cli import stage_main
+
+
+@dataclass(frozen=True)
+class Settings:
+    common: RunConfig
+    data: DataConfig
+
+
+@dataclass(frozen=True)
+class Paths:
+    dataset: Path = Path("data/prepared.npz")
+    metrics: Path = Path("metrics/prepare_data.json")
 
 
 def summary(dataset: Dataset, cfg: DataConfig) -> dict:
@@ -20,26 +33,16 @@ def summary(dataset: Dataset, cfg: DataConfig) -> dict:
             "mean": list(dataset.mean), "std": list(dataset.std)}
 
 
-def run(cfg: DataConfig, seed: int, out_path: Path, metrics_path: Path) -> dict:
-    dataset = load_dataset(cfg, seed)
-    save_prepared(dataset, out_path)
-    result = summary(dataset, cfg)
-    write_json(metrics_path, result)
+def run(settings: Settings, paths: Paths) -> dict:
+    dataset = load_dataset(settings.data, settings.common.seed)
+    save_prepared(dataset, paths.dataset)
+    result = summary(dataset, settings.data)
+    write_json(paths.metrics, result)
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", type=Path, default=Path("data/prepared.npz"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
-    args = parser.parse_args()
-
-    def body() -> None:
-        params = load_params(args.params)
-        run(params.data, params.common.seed, args.out, args.metrics)
-
-    run_main(body)
+    stage_main(__doc__, run, Settings, Paths())
 
 
 if __name__ == "__main__":

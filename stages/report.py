@@ -1,34 +1,34 @@
 """report stage: reports/report.md (one table of every benchmark row, findings in sentences)
 and its charts (reports/latency.png, reports/accuracy_vs_latency.png), from the benchmark
-stage's metrics/bench_<target>.json files for the targets listed in params."""
+stage's metrics/benchmark_<target>.json files for the targets listed in params."""
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ReportConfig, load_params
-from pipeline.report import ReportSettings, load_rows, write_report
-from stages._cli import run_main
+from pipeline.config import BenchmarkConfig, ReportConfig
+from pipeline.report import load_rows, write_report
+from stages._cli import RESOLVED, load_settings, run_main
 
 
-def run(cfg: ReportConfig, models: tuple[str, ...], bench_files: list[Path],
-        out_dir: Path) -> dict[str, Path]:
-    settings = ReportSettings(cfg.baseline_model, cfg.dense_model, cfg.pruned_model,
-                              cfg.paid_off_speedup)
-    return write_report(load_rows(bench_files), settings, models, out_dir)
+@dataclass(frozen=True)
+class Settings:
+    benchmark: BenchmarkConfig  # which targets and models were benchmarked
+    report: ReportConfig
+
+
+def run(settings: Settings, metrics_dir: Path, out_dir: Path) -> dict[str, Path]:
+    files = [metrics_dir / f"benchmark_{target}.json" for target in settings.benchmark.targets]
+    return write_report(load_rows(files), settings.report, settings.benchmark.models, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--resolved", type=Path, default=RESOLVED)
+    parser.add_argument("--metrics", type=Path, default=Path("metrics"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-
-    def body() -> None:
-        params = load_params(args.params)
-        files = [Path(f"metrics/bench_{target}.json") for target in params.benchmark.targets]
-        run(params.report, params.benchmark.models, files, args.out)
-
-    run_main(body)
+    run_main(lambda: run(load_settings(Settings, args.resolved), args.metrics, args.out))
 
 
 if __name__ == "__main__":

@@ -2,33 +2,59 @@
 
 DVC deletes a stage's outputs before running it, so a stage that found bad params itself would
 already have lost its old results. Every stage therefore depends on this one, which validates
-the whole file first and writes each section's resolved settings (profile applied) to
-resolved/<section>.json. A stage depends on the files of the sections it reads, so it reruns
-exactly when its effective settings change, whichever profile set them.
+the whole file first - every section, every runtime's settings, the rules across sections -
+and writes each section's resolved settings (profile applied) to resolved/<section>.json and
+each target's settings to resolved/targets/<target>.json. A stage depends on exactly the files
+it reads, so it reruns exactly when its effective settings change, whichever profile set them.
+
+It also writes resolved/targets/<target>.code: the hash of the code target <target> runs
+(pipeline.codebase.code_hash of its module). The benchmark stage imports its target's module by
+name at run time, and DVC cannot give each item of a foreach stage its own list of code files,
+so benchmark@<target> depends on this hash instead: editing targets/ssh.py re-runs the ssh-*
+benchmarks and no other (this stage imports every target, so it re-runs too, in seconds).
 """
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import as_dict, load_params
-from pipeline.io import write_json
-from stages._cli import run_main
+from pipeline.codebase import code_hash
+from pipeline.config import as_dict
+from pipeline.io import atomic_write_text, write_json
+from stages._cli import RESOLVED, run_main
+from stages._params import SECTIONS, Params, load_params
+from targets.registry import target_module, target_names
 
 
-def run(params_path: str, out_dir: Path) -> dict:
-    resolved = as_dict(load_params(params_path))
-    profile = resolved.pop("profile")
-    for section, values in resolved.items():
-        # `common` carries the profile name: every stage reads common, and records the profile.
-        extra = {"profile": profile} if section == "common" else {}
-        write_json(out_dir / f"{section}.json", {**extra, **values})
-    return {"profile": profile, **resolved}
+def resolved_documents(params: Params) -> dict[str, Any]:
+    """File stem under resolved/ -> its content."""
+    documents: dict[str, Any] = {section: as_dict(getattr(params, section))
+                                 for section in SECTIONS}
+    # `common` carries the profile name: every stage reads common, and records the profile.
+    documents["common"] = {"profile": params.profile, **documents["common"]}
+    for name in target_names():
+        documents[f"targets/{name}"] = as_dict(params.target_settings(name))
+    return documents
+
+
+def target_code_hashes() -> dict[str, str]:
+    """File stem under resolved/ -> hash of the code the target runs."""
+    return {f"targets/{name}": code_hash(target_module(name)) for name in target_names()}
+
+
+def run(params_path: str, out_dir: Path) -> dict[str, Any]:
+    documents = resolved_documents(load_params(params_path))  # raises before anything is written
+    for stem, content in documents.items():
+        write_json(out_dir / f"{stem}.json", content)
+    for stem, digest in target_code_hashes().items():
+        atomic_write_text(out_dir / f"{stem}.code", digest + "\n")
+    return documents
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out-dir", type=Path, default=Path("resolved"))
+    parser.add_argument("--out-dir", type=Path, default=RESOLVED)
     args = parser.parse_args()
     run_main(lambda: run(args.params, args.out_dir))
 

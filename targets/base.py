@@ -1,6 +1,6 @@
 """The one protocol every runtime target implements (after Polygraphy: build apart from run).
 
-    target = SomeTarget(settings)
+    target = targets.registry.make_target(name, settings)   # settings: target.Settings
     ok, reason = target.available()              # never raises; reason says what is missing
     artifact = target.build(onnx_path, out_dir)  # offline: ONNX -> runtime artifact (a Path)
     with target.load(artifact) as runner:        # runner owns runtime/device resources
@@ -17,8 +17,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from pipeline.errors import FeedError, TargetUnavailable
+from pipeline.errors import FeedError, PipelineError, TargetUnavailable
 from pipeline.timing import LatencyStats, TimingPlan, measure_latency
+
+
+class UnsupportedOperation(PipelineError):
+    """The runner cannot do this (e.g. return outputs from trtexec, which only times)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,11 @@ class TensorSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]  # str/None: a dynamic axis
+
+
+def fixed_batch(spec: TensorSpec) -> int | None:
+    """The batch size an input is fixed at, or None when the batch axis is dynamic."""
+    return spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
 
 
 def check_feeds(specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray]) -> None:
@@ -77,15 +86,41 @@ class Runner(ABC):
         batch = next(iter(feeds.values())).shape[0]
         return measure_latency(lambda: self.infer(feeds), plan, batch)
 
+    def predict_classes(self, inputs: np.ndarray, batch: int) -> np.ndarray:
+        """Top-1 class of every input, `batch` at a time (the tail padded when the artifact's
+        batch is fixed). Remote runners override this to classify on the device at once."""
+        spec = self.inputs[0]
+        fixed = fixed_batch(spec)
+        batch = fixed or batch
+        labels = []
+        for start in range(0, len(inputs), batch):
+            chunk = inputs[start:start + batch]
+            if fixed and len(chunk) < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[:1], fixed - len(chunk), 0)])
+            logits = next(iter(self.infer({spec.name: chunk}).values()))
+            labels.append(np.asarray(logits)[:min(batch, len(inputs) - start)].argmax(1))
+        return np.concatenate(labels)
+
 
 class Target(ABC):
-    """A runtime on some device. Subclasses declare what they support, checked at config load."""
+    """A runtime on some device. Subclasses declare what they support, checked at config load,
+    and the schema of their settings (their section `runtimes.<settings_key>` in params.yaml)."""
 
     name: ClassVar[str]  # as written in params.yaml
     precisions: ClassVar[tuple[str, ...]]  # e.g. ("fp32", "int8")
     dynamic_batch: ClassVar[bool]  # one artifact serves every batch size
     # What `build` takes: "onnx" (an exported .onnx) or "checkpoint" (a models/<m>.pt file).
     source: ClassVar[Literal["onnx", "checkpoint"]] = "onnx"
+    settings_key: ClassVar[str]  # its section under `runtimes` (targets may share one)
+    Settings: ClassVar[type]  # pydantic dataclass of that section
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads the runtime is given (0 = its own default), for provenance."""
+        return int(self.settings.threads)
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:

@@ -9,12 +9,15 @@ Requested execution providers are checked twice - before the session (installed?
 """
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from pipeline.config import OnnxRuntimeCpuConfig
+from pipeline.config import STRICT, NonNegativeInt
 from pipeline.errors import BuildError, TargetUnavailable
+from pipeline.io import atomic_output
 from targets.base import Runner, Target, TensorSpec, check_feeds
 
 GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -22,6 +25,18 @@ GRAPH_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+@dataclass(frozen=True, config=STRICT)
+class OnnxRuntimeCpuSettings:
+    """Session settings of the ONNX Runtime targets (`runtimes.onnxruntime`); the export stage's
+    parity checks run with the same settings."""
+
+    graph_optimization: Literal["disable", "basic", "extended", "all"]  # ORT graph optimisation
+    intra_op_threads: NonNegativeInt  # threads inside one operator; 0 = ORT's default (all cores)
+    inter_op_threads: NonNegativeInt  # threads across operators; 0 = ORT's default
+    # Execution providers, most preferred first; every one must be present (never dropped).
+    providers: Annotated[tuple[str, ...], Field(min_length=1)]
 
 
 def tensor_specs(args: list[Any]) -> tuple[TensorSpec, ...]:
@@ -64,14 +79,17 @@ class OnnxRuntimeRunner(Runner):
 
 
 class OnnxRuntimeCpuTarget(Target):
-    """ONNX Runtime, CPU provider; session settings from params (OnnxRuntimeCpuConfig)."""
+    """ONNX Runtime, CPU provider; session settings from params (`runtimes.onnxruntime`)."""
 
     name: ClassVar[str] = "onnxruntime-cpu"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     dynamic_batch: ClassVar[bool] = True
+    settings_key: ClassVar[str] = "onnxruntime"
+    Settings: ClassVar[type] = OnnxRuntimeCpuSettings
 
-    def __init__(self, settings: OnnxRuntimeCpuConfig) -> None:
-        self.settings = settings
+    @property
+    def threads(self) -> int:
+        return self.settings.intra_op_threads
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -121,14 +139,11 @@ class OnnxRuntimeCpuTarget(Target):
         """Save ONNX Runtime's optimised graph as `<out_dir>/<stem>.onnxruntime-cpu.onnx`."""
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
         artifact = out_dir / f"{onnx_path.stem}.{self.name}.onnx"
-        tmp = artifact.with_name(artifact.name + ".tmp")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)
-        self._session(onnx_path, optimized_path=tmp)
-        if not tmp.is_file() or tmp.stat().st_size == 0:
-            raise BuildError(f"ONNX Runtime wrote no optimised model for {onnx_path} "
-                             f"(expected {tmp})")
-        tmp.replace(artifact)
+        with atomic_output(artifact) as tmp:
+            self._session(onnx_path, optimized_path=tmp)
+            if not tmp.is_file() or tmp.stat().st_size == 0:
+                raise BuildError(f"ONNX Runtime wrote no optimised model for {onnx_path} "
+                                 f"(expected {tmp})")
         return artifact
 
     def load(self, artifact: Path) -> OnnxRuntimeRunner:

@@ -1,7 +1,7 @@
 """Edge devices over SSH: the model and targets/remote_runner.py are copied to a temp folder on
 the device, run there, and the numbers come back as JSON; the folder is removed afterwards.
 
-Two targets share one device configuration (`SshSettings`):
+Two targets share one device configuration (`SshSettings`, params `runtimes.ssh`):
 - `ssh-onnxruntime`: ONNX Runtime on the device (any execution provider it has, checked - a
   session that fell back to another provider is an error, not a result).
 - `ssh-tensorrt`: TensorRT's `trtexec` on the device; latency only, with h2d/compute/d2h phases.
@@ -19,16 +19,19 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from pipeline.errors import PipelineError, TargetUnavailable
+from pipeline.artifacts import precision_of
+from pipeline.config import STRICT, NonNegativeInt, PositiveFloat, as_dict
+from pipeline.errors import BuildError, PipelineError, TargetUnavailable
 from pipeline.timing import LatencyStats, TimingPlan, summarize
 from targets import remote_runner, trtexec
-from targets.base import Runner, Target, TensorSpec, check_feeds
+from targets.base import Runner, Target, TensorSpec, UnsupportedOperation, check_feeds
 
 log = logging.getLogger(__name__)
 RUNNER_FILE = Path(remote_runner.__file__)
@@ -39,24 +42,22 @@ class SshError(PipelineError):
     """The device could not be reached, a command timed out, or it failed on the device."""
 
 
-class UnsupportedOperation(PipelineError):
-    """The runner cannot do this (e.g. return outputs from trtexec, which only times)."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class SshSettings:
-    host: str  # user@host or host of the device ("" = none configured)
-    port: int = 22
-    key_file: str = ""  # private key file ("" = ssh's default identities)
-    known_hosts: str = ""  # known_hosts file the device's host key must be in (required)
-    ssh_config: str = "none"  # ssh -F: a config file, or "none" to ignore ~/.ssh/config
-    remote_python: tuple[str, ...] = ("python3",)  # Python 3 with numpy + onnxruntime on the device
-    remote_tmp: str = "/tmp"  # the device folder under which the temp folder is made
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ONNX Runtime providers, in order
-    trtexec: str = "trtexec"  # trtexec command on the device
-    threads: int = 0  # ONNX Runtime intra-op threads on the device (0 = its default)
-    connect_timeout_s: float = 10.0  # TCP connect + handshake limit
-    command_timeout_s: float = 600.0  # limit for any one command or copy
+    """The edge device of the ssh-* targets (`runtimes.ssh`); host "" = none: rows are skipped."""
+
+    host: str  # user@host of the device; "" = no device configured
+    port: Annotated[int, Field(ge=1, le=65535)]  # sshd port on the device
+    key_file: str  # private key file; "" = ssh's default identities
+    known_hosts: str  # known_hosts file holding the device's host key (verified, never skipped)
+    ssh_config: str  # passed as `ssh -F`: a config file, or "none" to ignore ~/.ssh/config
+    remote_python: Annotated[tuple[str, ...], Field(min_length=1)]  # device Python + numpy + ORT
+    remote_tmp: str  # device folder under which a temp folder is made and removed again
+    providers: Annotated[tuple[str, ...], Field(min_length=1)]  # ORT providers on the device
+    trtexec: str  # trtexec command on the device (ssh-tensorrt)
+    threads: NonNegativeInt  # ORT intra-op threads on the device; 0 = ORT's default
+    connect_timeout_s: PositiveFloat  # seconds allowed to connect
+    command_timeout_s: PositiveFloat  # seconds allowed for any one remote command or copy
 
     @property
     def where(self) -> str:
@@ -137,14 +138,6 @@ def onnx_inputs(path: Path) -> tuple[TensorSpec, ...]:
                    tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                          for d in i.type.tensor_type.shape.dim))
         for i in graph.input if i.name not in weights)
-
-
-def precision_of(onnx_path: Path) -> str:
-    """The precision an artifact was exported at, from its name: m.fp16.onnx, m.int8.onnx, else
-    fp32 (m.sim.onnx, any other .onnx)."""
-    suffixes = Path(onnx_path).suffixes
-    return suffixes[-2].lstrip(".") if len(suffixes) >= 2 and suffixes[-2] in (
-        ".fp16", ".int8") else "fp32"
 
 
 def model_files(onnx_path: Path) -> list[Path]:
@@ -250,7 +243,7 @@ class SshOnnxRuntimeRunner(_SshRunner):
     def benchmark(self, feeds: dict[str, np.ndarray], plan: TimingPlan) -> LatencyStats:
         self._check(feeds)
         remote_in = self._upload("feeds.npz", feeds)
-        plan_json = json.dumps({k: getattr(plan, k) for k in plan.__dataclass_fields__})
+        plan_json = json.dumps(as_dict(plan))
         result = self._remote(["bench", "--model", self.folder.file(self._model), "--feeds",
                                remote_in, "--plan", plan_json], "benchmark")
         return summarize(result["samples_s"], next(iter(feeds.values())).shape[0])
@@ -304,9 +297,8 @@ class SshTarget(Target):
 
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     dynamic_batch: ClassVar[bool] = True
-
-    def __init__(self, settings: SshSettings) -> None:
-        self.settings = settings
+    settings_key: ClassVar[str] = "ssh"
+    Settings: ClassVar[type] = SshSettings
 
     def available(self) -> tuple[bool, str]:
         """Local prerequisites only; whether the device answers is learnt when loading."""
@@ -326,8 +318,6 @@ class SshTarget(Target):
         return True, ""
 
     def build(self, onnx_path: Path, out_dir: Path) -> Path:
-        from pipeline.errors import BuildError
-
         if Path(onnx_path).suffix != ".onnx" or not Path(onnx_path).is_file():
             raise BuildError(f"{onnx_path}: expected an existing .onnx file")
         return Path(onnx_path)

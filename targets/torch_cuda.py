@@ -14,7 +14,13 @@ import numpy as np
 
 from pipeline.timing import LatencyStats, TimingPlan, measure_phases
 from targets.base import Runner, Target, TensorSpec, check_feeds
-from targets.torch_eager import INPUT_NAME, OUTPUT_NAME, checkpoint_source, input_spec
+from targets.torch_eager import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    TorchSettings,
+    checkpoint_source,
+    input_spec,
+)
 
 
 def cuda_availability() -> tuple[bool, str]:
@@ -114,10 +120,9 @@ class TorchCudaTarget(Target):
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     dynamic_batch: ClassVar[bool] = True
     source = "checkpoint"  # runs models/<m>.pt, not an ONNX file
+    settings_key: ClassVar[str] = "torch"
+    Settings: ClassVar[type] = TorchSettings
     graphs: ClassVar[bool] = False
-
-    def __init__(self, threads: int = 0) -> None:
-        self.threads = threads  # host threads do not change GPU timing; kept for provenance
 
     def available(self) -> tuple[bool, str]:
         return cuda_availability()

@@ -8,12 +8,22 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from pydantic.dataclasses import dataclass
 
+from pipeline.config import STRICT, NonNegativeInt
 from pipeline.errors import BuildError
 from targets.base import Runner, Target, TensorSpec, check_feeds
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+
+
+@dataclass(frozen=True, config=STRICT)
+class TorchSettings:
+    """Settings of the PyTorch targets (`runtimes.torch`)."""
+
+    threads: NonNegativeInt  # intra-op threads on the CPU (0 = torch's default); GPU targets
+    # only record it: host threads do not change device timing
 
 
 def checkpoint_source(path: Path) -> Path:
@@ -61,15 +71,14 @@ class TorchCpuRunner(Runner):
 
 
 class TorchCpuTarget(Target):
-    """PyTorch eager, fp32, CPU. `threads`: intra-op threads (0 = torch's default)."""
+    """PyTorch eager, fp32, CPU."""
 
     name: ClassVar[str] = "torch-cpu"
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     dynamic_batch: ClassVar[bool] = True
     source = "checkpoint"  # runs models/<m>.pt, not an ONNX file
-
-    def __init__(self, threads: int = 0) -> None:
-        self.threads = threads
+    settings_key: ClassVar[str] = "torch"
+    Settings: ClassVar[type] = TorchSettings
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -86,4 +95,4 @@ class TorchCpuTarget(Target):
 
         self.require_available()
         loaded = load_model(checkpoint_source(artifact), device="cpu")
-        return TorchCpuRunner(loaded.model, input_spec(loaded.meta), self.threads)
+        return TorchCpuRunner(loaded.model, input_spec(loaded.meta), self.settings.threads)

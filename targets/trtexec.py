@@ -5,15 +5,12 @@ Formats, as written by trtexec (samples/common/sampleReporting.cpp):
   startEnqMs/endEnqMs, startH2dMs/endH2dMs, startComputeMs/endComputeMs, startD2hMs/endD2hMs
   (timestamps since the run started), h2dMs, computeMs, d2hMs, latencyMs (= h2d + compute +
   d2h), endToEndMs. TensorRT 7 named the copies inMs/outMs (startInMs ...); both are read.
-- `--exportProfile=F`: a JSON array whose first element is {"count": iterations}, then one
-  object per layer: name, timeMs (total), averageMs, percentage (newer versions add medianMs).
 Pure parsing: nothing here needs TensorRT installed.
 """
 
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import ConfigError, PipelineError
@@ -26,14 +23,6 @@ PRECISION_FLAGS = {"fp32": (), "fp16": ("--fp16",), "int8": ("--int8",)}
 
 class TrtexecOutputError(PipelineError):
     """A trtexec JSON file is not in the format trtexec writes, or holds no timed inference."""
-
-
-@dataclass(frozen=True)
-class LayerTime:
-    name: str
-    total_ms: float  # summed over all profiled iterations
-    average_ms: float  # per iteration
-    percentage: float  # share of the summed layer time
 
 
 def _load_array(text: str, what: str) -> list[Any]:
@@ -75,19 +64,6 @@ def times_stats(text: str, batch_size: int, warmup_ms: float = 0.0) -> LatencySt
     return phase_stats(parse_times(text, warmup_ms), batch_size, "trtexec")
 
 
-def parse_profile(text: str) -> tuple[int, list[LayerTime]]:
-    """(profiled iterations, per-layer times) of an --exportProfile file."""
-    data = _load_array(text, "--exportProfile")
-    if not data or not isinstance(data[0], dict) or "count" not in data[0]:
-        raise TrtexecOutputError('--exportProfile: first element must be {"count": N}')
-    try:
-        layers = [LayerTime(str(d["name"]), float(d["timeMs"]), float(d["averageMs"]),
-                            float(d["percentage"])) for d in data[1:]]
-    except (KeyError, TypeError, ValueError) as err:
-        raise TrtexecOutputError(f"--exportProfile: layer entry without {err}") from err
-    return int(data[0]["count"]), layers
-
-
 def _decode_version(code: str) -> str:
     """trtexec's banner code: v8601 -> 8.6.1 (TensorRT 8), v100300 -> 10.3.0 (TensorRT >= 10)."""
     number = int(code)
@@ -109,8 +85,7 @@ def parse_log(log: str) -> dict[str, str | None]:
 
 
 def benchmark_command(trtexec: str, onnx_file: str, input_name: str, shape: tuple[int, ...] | None,
-                      precision: str, plan: TimingPlan, times_file: str,
-                      profile_file: str | None = None) -> list[str]:
+                      precision: str, plan: TimingPlan, times_file: str) -> list[str]:
     """The argument list of one trtexec benchmark (no shell involved).
 
     shape: the input shape to build and run for (None when the model's input is static).
@@ -126,7 +101,4 @@ def benchmark_command(trtexec: str, onnx_file: str, input_name: str, shape: tupl
                f"--exportTimes={times_file}"]
     if shape is not None:
         command.append(f"--shapes={input_name}:{'x'.join(str(d) for d in shape)}")
-    if profile_file is not None:
-        # A separate run keeps the per-layer profiler out of the timed one.
-        command += ["--separateProfileRun", f"--exportProfile={profile_file}"]
     return command

@@ -140,7 +140,19 @@ def settings_for(server: Sshd, **overrides):
     values = dict(host=server.host, port=server.port, key_file=str(server.key_file),
                   known_hosts=str(server.known_hosts), ssh_config="none",
                   remote_python=(sys.executable,), remote_tmp=str(server.folder),
+                  providers=("CPUExecutionProvider",), trtexec="trtexec",
                   connect_timeout_s=5.0, command_timeout_s=60.0, threads=1)
+    return SshSettings(**(values | overrides))
+
+
+def unconfigured_ssh(**overrides):
+    """SshSettings with no device configured (empty host), for tests of everything else."""
+    from targets.ssh import SshSettings
+
+    values = dict(host="", port=22, key_file="", known_hosts="", ssh_config="none",
+                  remote_python=("python3",), remote_tmp="/tmp",
+                  providers=("CPUExecutionProvider",), trtexec="trtexec", threads=1,
+                  connect_timeout_s=3.0, command_timeout_s=30.0)
     return SshSettings(**(values | overrides))
 
 

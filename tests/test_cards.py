@@ -7,7 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.cards import (
+from pipeline.checkpoint import load_model, save_model
+from pipeline.errors import ArtifactIntegrityError, CheckpointError
+from pipeline.export.cards import (
     CARD_KEY,
     FILE_FIELDS,
     card_path,
@@ -20,11 +22,9 @@ from pipeline.cards import (
     read_onnx,
     write_card,
 )
-from pipeline.checkpoint import load_model, save_model
-from pipeline.errors import ArtifactIntegrityError, CheckpointError
+from pipeline.export.onnx_export import save_onnx
 from pipeline.io import file_sha256
 from pipeline.models import build_model
-from pipeline.onnx_export import save_onnx
 
 META = {"classes": ["cat", "dog", "eel"], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25],
         "input_shape": [3, 32, 32], "dataset": "synthetic", "params": 1234, "macs": 56789,
@@ -57,7 +57,7 @@ def shipped(source, tmp_path) -> Path:
                                                                 "tools": {"onnx": "1"}})
     proto = pooling_model()
     embed_card(proto, card)
-    path = save_onnx(proto, tmp_path / "student_final.sim.onnx")
+    path = save_onnx(proto, tmp_path / "student_final.fp32.onnx")
     write_card(path, card, {"onnxruntime_top1": 0.5})
     return path
 
@@ -71,7 +71,7 @@ def test_card_holds_everything_a_consumer_needs(shipped, source):
     card = json.loads(card_path(shipped).read_text())
     assert card["sha256"] == file_sha256(shipped)
     assert card["size_bytes"] == shipped.stat().st_size
-    assert card["file"] == "student_final.sim.onnx"
+    assert card["file"] == "student_final.fp32.onnx"
     assert card["input"] == {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32",
                              "layout": "NCHW, RGB",
                              "preprocessing": "(uint8 pixels / 255 - mean) / std, per channel"}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sshd_fixture import tiny_checkpoint, tiny_onnx
 
-from targets import TARGETS
 from targets.cli import main
+from targets.registry import target_names
 
 FAST = ["--warmup-iters", "1", "--warmup-seconds", "0", "--min-iters", "3", "--min-seconds", "0",
         "--threads", "1"]
@@ -26,7 +26,7 @@ def test_targets_lists_every_target_with_availability(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["target", "available"]
     listed = {line.split()[0]: line for line in lines[1:]}
-    assert set(listed) == set(TARGETS)
+    assert set(listed) == set(target_names())
     assert listed["onnxruntime-cpu"].split()[1] == "yes"
     assert listed["ssh-onnxruntime"].split()[1] == "no"
     assert "no edge device configured" in listed["ssh-onnxruntime"]
@@ -58,6 +58,23 @@ def test_bench_on_an_unavailable_target_is_a_skipped_row(files, capsys):
 def test_bench_unknown_target_is_a_usage_error(files, capsys):
     assert main(["bench", str(files[1]), "--target", "tpu"]) == 2
     assert "unknown target 'tpu'" in capsys.readouterr().err
+
+
+def test_bench_reports_the_same_rows_as_the_stage_measuring_path(files, tmp_path, monkeypatch):
+    """The CLI measures through targets.measure, the path the benchmark stage uses."""
+    import targets.cli as cli
+
+    calls = []
+    real = cli.measure
+
+    def spy(target, source, batch_sizes, plan, feeds, accuracy=None, missing_hint=""):
+        calls.append((target.name, Path(source), tuple(batch_sizes), plan.min_iters))
+        return real(target, source, batch_sizes, plan, feeds, accuracy, missing_hint)
+
+    monkeypatch.setattr(cli, "measure", spy)
+    assert main(["bench", str(files[1]), "--target", "onnxruntime-cpu", "--batch", "1",
+                 *FAST]) == 0
+    assert calls == [("onnxruntime-cpu", files[1], (1,), 3)]
 
 
 def test_bench_broken_file_is_a_failed_row(tmp_path, capsys):

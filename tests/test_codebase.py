@@ -24,11 +24,18 @@ def tree(tmp_path):
     return tmp_path
 
 
-def test_closure_follows_relative_lazy_and_registry_imports(tree):
+def test_closure_follows_relative_and_lazy_imports_not_strings(tree):
     found = {str(path.relative_to(tree)) for path in code_closure("stages.train", tree)}
     assert found == {"stages/__init__.py", "stages/train.py", "pipeline/__init__.py",
-                     "pipeline/loss.py", "pipeline/util.py", "pipeline/lazy.py",
-                     "targets/__init__.py", "targets/ort.py"}
+                     "pipeline/loss.py", "pipeline/util.py", "pipeline/lazy.py"}
+
+
+def test_modules_imported_by_name_are_added_by_the_caller(tree):
+    found = {str(path.relative_to(tree))
+             for path in code_closure("stages.train", tree, extra=("targets.ort",))}
+    assert {"targets/__init__.py", "targets/ort.py"} <= found
+    with pytest.raises(ValueError, match="'targets.gpu' is not a module"):
+        code_closure("stages.train", tree, extra=("targets.gpu",))
 
 
 def test_hash_changes_with_code_the_stage_runs_only(tree):

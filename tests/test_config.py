@@ -1,21 +1,24 @@
 """params.yaml -> typed config: profiles apply, and every kind of bad input names its key."""
 
+import io
 from pathlib import Path
 
 import pytest
-import yaml
+from ruamel.yaml import YAML
 
-from pipeline.config import Params, load_params
 from pipeline.errors import ConfigError
+from stages._params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write_params(tmp_path: Path, edit) -> Path:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = YAML(typ="safe").load((REPO / "params.yaml").read_text())
     edit(raw)
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    buffer = io.StringIO()
+    YAML(typ="safe").dump(raw, buffer)
+    path.write_text(buffer.getvalue())
     return path
 
 
@@ -31,45 +34,57 @@ def test_profile_overrides_apply(tmp_path):
     quick = load_params(write_params(tmp_path, lambda raw: raw.update(profile="quick")))
     assert smoke.data.dataset == "synthetic"
     assert quick.data.dataset == "cifar10"
-    assert smoke.train_teacher.epochs < quick.train_teacher.epochs
+    assert smoke.teacher.epochs < quick.teacher.epochs
 
 
 def test_configs_are_frozen():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(Exception, match="frozen|cannot assign"):
-        params.train_teacher.lr = 1.0  # type: ignore[misc]
+        params.teacher.lr = 1.0  # type: ignore[misc]
 
 
 def test_float_with_bare_exponent_reads_as_number(tmp_path):
     path = write_params(tmp_path, lambda raw: None)
     path.write_text(path.read_text().replace("weight_decay: 0.0005", "weight_decay: 5e-4"))
-    assert load_params(path).train_teacher.weight_decay == pytest.approx(5e-4)
+    assert load_params(path).teacher.weight_decay == pytest.approx(5e-4)
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda raw: raw["train_teacher"].update(colour="red"),
-         r"train_teacher\.colour: unknown key"),
-        (lambda raw: raw["train_teacher"].pop("lr"), r"train_teacher\.lr: missing key"),
-        (lambda raw: raw["train_teacher"].update(lr="fast"), r"train_teacher\.lr: .*valid number"),
-        (lambda raw: raw["train_teacher"].update(lr=-0.1), r"train_teacher\.lr: .*greater than 0"),
-        (lambda raw: raw["train_teacher"].update(epochs=2.5), r"train_teacher\.epochs: .*integer"),
+        (lambda raw: raw["teacher"].update(colour="red"), r"teacher\.colour: unknown key"),
+        (lambda raw: raw["teacher"].pop("lr"), r"teacher\.lr: missing key"),
+        (lambda raw: raw["teacher"].update(lr="fast"), r"teacher\.lr: .*valid number"),
+        (lambda raw: raw["teacher"].update(lr=-0.1), r"teacher\.lr: .*greater than 0"),
+        (lambda raw: raw["teacher"].update(epochs=2.5), r"teacher\.epochs: .*integer"),
         (lambda raw: raw["data"].update(dataset="mnist"), r"data\.dataset: "),
-        (lambda raw: raw["train_teacher"].update(arch="resnet9"),
-         r"unknown architecture 'resnet9'"),
+        (lambda raw: raw["teacher"].update(arch="resnet9"),
+         r"teacher\.arch: unknown architecture 'resnet9'"),
+        (lambda raw: raw["distill"].update(student_arch="resnet9"),
+         r"distill\.student_arch: unknown architecture 'resnet9'"),
+        (lambda raw: raw.update(teacher=5), r"teacher: expected a mapping of keys \(got 5\)"),
+        (lambda raw: raw["runtimes"]["onnxruntime"].update(intra_op_threads=-1),
+         r"runtimes\.onnxruntime\.intra_op_threads: .*greater than or equal to 0"),
+        (lambda raw: raw["runtimes"].update(tpu={}), r"runtimes\.tpu: unknown runtime"),
+        (lambda raw: raw["runtimes"].pop("ssh"), r"runtimes\.ssh: missing section"),
+        (lambda raw: raw["benchmark"]["targets"].update({"torch-cpu": ["fp32", "int8"]}),
+         r"benchmark\.targets\.torch-cpu: target does not support \['int8'\]"),
+        (lambda raw: raw["benchmark"]["targets"].update(tpu=["fp32"]),
+         r"benchmark\.targets\.tpu: unknown target"),
         (lambda raw: raw.update(extra={}), r"extra: unknown section"),
         (lambda raw: raw.pop("common"), r"common: missing section"),
         (lambda raw: raw.update(profile="huge"), r"profile: expected one of"),
         (lambda raw: raw["profiles"]["quick"].update(data={"colour": 1}),
          r"profiles\.quick\.data\.colour: unknown key"),
-        (lambda raw: raw["train_teacher"].update(schedule="multistep", milestones=[99]),
+        (lambda raw: raw["teacher"].update(schedule="multistep", milestones=[99]),
          r"milestone 99 is not before epochs"),
         (lambda raw: raw["student_dense"].update(epochs=99),
-         r"student_dense\.epochs \(99\) must equal distill_prune\.epochs \+ finetune\.epochs"),
-        (lambda raw: raw["distill_prune"].update(flops_target=0.5),
+         r"student_dense\.epochs: \(99\) must equal student_gated\.epochs \+ "
+         r"student_final\.epochs"),
+        (lambda raw: raw["student_gated"].update(flops_target=0.5),
          r"flops_target and flops_weight switch the MACs budget on together"),
-        (lambda raw: raw["slim"].update(round_to=0), r"slim\.round_to: .*greater than or equal"),
+        (lambda raw: raw["student_slim"].update(round_to=0),
+         r"student_slim\.round_to: .*greater than or equal"),
     ],
 )
 def test_bad_params_name_the_key_and_the_file(tmp_path, edit, message):
@@ -82,9 +97,9 @@ def test_bad_params_name_the_key_and_the_file(tmp_path, edit, message):
 def test_error_from_a_profile_says_so(tmp_path):
     def edit(raw):
         raw["profile"] = "smoke"
-        raw["profiles"]["smoke"]["train_teacher"]["lr"] = -1.0
+        raw["profiles"]["smoke"]["teacher"]["lr"] = -1.0
 
-    with pytest.raises(ConfigError, match=r"train_teacher\.lr: .*\[set by profiles\.smoke\]"):
+    with pytest.raises(ConfigError, match=r"teacher\.lr: .*\[set by profiles\.smoke\]"):
         load_params(write_params(tmp_path, edit))
 
 

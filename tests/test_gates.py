@@ -6,7 +6,9 @@ import torch
 
 from pipeline.errors import ModelError
 from pipeline.flops import count_macs
-from pipeline.gates import (
+from pipeline.models import build_model
+from pipeline.models.resnet_cifar import ZeroPadShortcut
+from pipeline.prune.gates import (
     ApproxSign,
     ChannelGate,
     attach_gates,
@@ -14,8 +16,6 @@ from pipeline.gates import (
     gate_from_logits,
     macs_penalty,
 )
-from pipeline.models import build_model
-from pipeline.models.resnet_cifar import ZeroPadShortcut
 
 GRID = [-2.5, -1.0, -0.75, -0.25, -1e-6, 0.0, 1e-6, 0.3, 0.9, 1.0, 1.7]
 

@@ -11,8 +11,7 @@ from torch import nn
 
 import pipeline
 from pipeline.errors import ExportError
-from pipeline.models import build_model
-from pipeline.onnx_export import (
+from pipeline.export.onnx_export import (
     check_interface,
     clone,
     export_onnx,
@@ -21,8 +20,9 @@ from pipeline.onnx_export import (
     tensor_dims,
     verify_onnx,
 )
+from pipeline.export.simplify import SIMPLIFIERS, simplify
+from pipeline.models import build_model
 from pipeline.parity import FP32_TOLERANCE, check_parity, measure_parity
-from pipeline.simplify import SIMPLIFIERS, simplify
 
 SHAPE = (3, 32, 32)
 

@@ -7,9 +7,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from pipeline.config import OnnxRuntimeCpuConfig, ParityTolerance
+from pipeline.config import ParityTolerance
 from pipeline.errors import ParityError
-from pipeline.onnx_export import clone, export_onnx, save_onnx
+from pipeline.export.onnx_export import clone, export_onnx, save_onnx
 from pipeline.parity import (
     FP32_TOLERANCE,
     batched_logits,
@@ -20,9 +20,9 @@ from pipeline.parity import (
     top1_accuracy,
     torch_predictor,
 )
-from targets.onnxruntime_cpu import OnnxRuntimeCpuTarget
+from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings, OnnxRuntimeCpuTarget
 
-RUNTIME = OnnxRuntimeCpuConfig(graph_optimization="all", intra_op_threads=1, inter_op_threads=1,
+RUNTIME = OnnxRuntimeCpuSettings(graph_optimization="all", intra_op_threads=1, inter_op_threads=1,
                                providers=("CPUExecutionProvider",))
 
 

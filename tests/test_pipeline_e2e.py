@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def test_smoke_repro_writes_the_teacher_metrics(smoke_repo):
         assert key in metrics, key
     assert 0.0 <= metrics["top1"] <= 1.0
     assert (smoke_repo / "models" / "teacher.pt").is_file()
-    assert len((smoke_repo / "plots" / "train_teacher.csv").read_text().splitlines()) >= 2
+    assert len((smoke_repo / "plots" / "teacher.csv").read_text().splitlines()) >= 2
 
 
 def read_metrics(repo: Path, name: str) -> dict:
@@ -65,10 +66,11 @@ def read_metrics(repo: Path, name: str) -> dict:
 def test_smoke_repro_runs_pdd_slim_and_finetune(smoke_repo):
     for model in ("student_dense", "student_gated", "student_slim", "student_final"):
         assert (smoke_repo / "models" / f"{model}.pt").is_file(), model
-    pdd = read_metrics(smoke_repo, "pdd")
+        assert (smoke_repo / "metrics" / f"{model}.json").is_file(), model
+    pdd = read_metrics(smoke_repo, "student_gated")
     assert len(pdd["gate_flips_per_epoch"]) == pdd["epochs"]
     assert all(g["kept"] >= 1 for g in pdd["kept_channels"].values())
-    slim = read_metrics(smoke_repo, "slim")
+    slim = read_metrics(smoke_repo, "student_slim")
     assert slim["rel_diff"] <= 1e-4
     assert slim["macs_after"] < slim["macs_before"]
     table = read_metrics(smoke_repo, "compression")
@@ -83,14 +85,14 @@ MODELS = ("teacher", "student_dense", "student_final")
 
 def test_smoke_repro_exports_every_model_behind_parity_gates(smoke_repo):
     for model in MODELS:
-        for variant in ("", ".sim", ".fp16", ".int8"):
-            assert (smoke_repo / "artifacts" / f"{model}{variant}.onnx").is_file()
-            assert (smoke_repo / "artifacts" / f"{model}{variant}.card.json").is_file()
+        for precision in ("fp32", "fp16", "int8"):
+            assert (smoke_repo / "artifacts" / f"{model}.{precision}.onnx").is_file()
+            assert (smoke_repo / "artifacts" / f"{model}.{precision}.card.json").is_file()
         assert (smoke_repo / "metrics" / f"export_{model}.json").is_file()
 
 
 def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
-    rows = [row for path in sorted((smoke_repo / "metrics").glob("bench_*.json"))
+    rows = [row for path in sorted((smoke_repo / "metrics").glob("benchmark_*.json"))
             for row in json.loads(path.read_text())["results"].values()]
     by_target = {row["target"]: row for row in rows}
     assert by_target["onnxruntime-cpu"]["status"] == "ok"
@@ -118,13 +120,38 @@ def test_second_repro_does_nothing_and_says_so(smoke_repo):
     assert snapshot(smoke_repo) == before
 
 
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
+
+
+@pytest.mark.parametrize(("module", "expected"), [
+    ("pipeline/report.py", {"report"}),
+    # validate_params imports every target to validate its settings (it re-runs in seconds) and
+    # writes each target's code hash, which only the benchmark of that target depends on.
+    ("targets/ssh.py", {"validate_params", "benchmark@ssh-onnxruntime", "report"}),
+    ("targets/torch_eager.py", {"validate_params", "benchmark@torch-cpu", "benchmark@torch-cuda",
+                                "benchmark@torch-cuda-graphs", "report"}),
+])
+def test_a_code_edit_reruns_only_the_stages_that_run_it(smoke_repo, module, expected):
+    path = smoke_repo / module
+    original = path.read_text()
+    path.write_text(original + "# an edit\n")
+    try:
+        edited = dvc(smoke_repo, "repro")
+    finally:
+        path.write_text(original)
+        restored = dvc(smoke_repo, "repro")
+    assert edited.returncode == 0 and restored.returncode == 0, edited.stderr + restored.stderr
+    assert stages_run(edited) == expected
+
+
 @pytest.mark.parametrize(
     ("old", "new", "key"),
     # The smoke profile sets the teacher's lr, so that is where a bad one takes effect.
     [("arch: resnet32, epochs: 2, batch_size: 64, lr: 0.02",
-      "arch: resnet32, epochs: 2, batch_size: 64, lr: -0.02", "train_teacher.lr"),
+      "arch: resnet32, epochs: 2, batch_size: 64, lr: -0.02", "teacher.lr"),
      ("arch: resnet32, epochs: 2, batch_size: 64, lr: 0.02",
-      "arch: resnet32, epochs: 2, batch_size: 64, lr: fast", "train_teacher.lr"),
+      "arch: resnet32, epochs: 2, batch_size: 64, lr: fast", "teacher.lr"),
      ("  seed: 0 ", "  seed: 0\n  colour: red ", "common.colour")],
 )
 def test_bad_params_stop_with_the_key_and_touch_nothing(smoke_repo, old, new, key):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.gates import ChannelGate
+from pipeline.prune.gates import ChannelGate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

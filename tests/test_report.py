@@ -5,19 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ReportConfig
+from pipeline.config import BenchmarkConfig, ReportConfig, TimingPlan
 from pipeline.report import (
     ReportError,
-    ReportSettings,
     load_rows,
     markdown_table,
     pruning_findings,
     sort_rows,
     write_report,
 )
-from stages.report import run
+from stages.report import Settings, run
 
-SETTINGS = ReportSettings("teacher", "student_dense", "student_final", 1.1)
+SETTINGS = ReportConfig(baseline_model="teacher", dense_model="student_dense",
+                        pruned_model="student_final", paid_off_speedup=1.1)
 MODELS = ("teacher", "student_dense", "student_final")
 MACS = {"teacher": 120e6, "student_dense": 40e6, "student_final": 20e6}
 PROV = {"cpu_model": "Test CPU", "cpu_cores": 2, "threads": 2, "gpu": None,
@@ -78,16 +78,17 @@ def test_no_comparable_rows_is_said_plainly():
 
 
 def test_stage_writes_report_and_charts(tmp_path):
-    files = []
-    for target in ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "ssh-onnxruntime"):
-        path = tmp_path / f"bench_{target}.json"
+    targets = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "ssh-onnxruntime")
+    for target in targets:
+        path = tmp_path / f"benchmark_{target}.json"
         results = {f"{r['model']}/{r['precision']}/b{r['batch_size']}": r
                    for r in ROWS if r["target"] == target}
         path.write_text(json.dumps({"target": target, "results": results}))
-        files.append(path)
-    cfg = ReportConfig(baseline_model="teacher", dense_model="student_dense",
-                       pruned_model="student_final", paid_off_speedup=1.1)
-    paths = run(cfg, MODELS, files, tmp_path / "reports")
+    benchmark = BenchmarkConfig(targets={t: ("fp32",) for t in targets}, models=MODELS,
+                                batch_sizes=(1,), eval_images=0,
+                                timing=TimingPlan(warmup_iters=0, warmup_seconds=0.0,
+                                                  min_iters=1, min_seconds=0.0))
+    paths = run(Settings(benchmark, SETTINGS), tmp_path, tmp_path / "reports")
     text = paths["report"].read_text()
     assert text.startswith("# Benchmark report")
     assert "Pruning paid off" in text and "![latency per target](latency.png)" in text

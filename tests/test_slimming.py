@@ -11,11 +11,11 @@ from torch import nn
 from pipeline.checkpoint import load_model, save_model
 from pipeline.errors import ConfigError, ModelError
 from pipeline.flops import count_macs, count_params
-from pipeline.gates import ChannelGate, GatedModel, attach_gates
 from pipeline.models import build_model
-from pipeline.slimming import apply_pruning_spec, exactness, layer_widths, slim
+from pipeline.prune.gates import ChannelGate, GatedModel, attach_gates
+from pipeline.prune.slimming import apply_pruning_spec, exactness, layer_widths, slim
 
-TOLERANCE = 1e-4  # relative, as METHODS.md defines exact slimming
+TOLERANCE = 1e-4  # relative, as docs/methods.md defines exact slimming
 
 # name -> (fresh model, input side, batch): small inputs; the deep ones use batch 2.
 MODELS = {

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
-from sshd_fixture import free_port, serve_sshd, settings_for, tiny_checkpoint, tiny_onnx
+from sshd_fixture import (
+    free_port,
+    serve_sshd,
+    settings_for,
+    tiny_checkpoint,
+    tiny_onnx,
+    unconfigured_ssh,
+)
 
 from pipeline.errors import TargetUnavailable
 from pipeline.timing import TimingPlan, run_plan
@@ -20,10 +27,8 @@ from targets.ssh import (
     SshClient,
     SshError,
     SshOnnxRuntimeTarget,
-    SshSettings,
     SshTensorRtTarget,
     UnsupportedOperation,
-    precision_of,
 )
 
 NEEDS_SSH_CLIENT = pytest.mark.skipif(
@@ -40,7 +45,7 @@ def sshd_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
-    return tiny_onnx(tiny_checkpoint(folder / "m.pt"), folder / "m.sim.onnx")
+    return tiny_onnx(tiny_checkpoint(folder / "m.pt"), folder / "m.fp32.onnx")
 
 
 def images(count: int) -> np.ndarray:
@@ -55,35 +60,29 @@ def local_logits(onnx_path: Path, batch: np.ndarray) -> np.ndarray:
 
 @NEEDS_SSH_CLIENT
 def test_availability_names_what_is_missing(tmp_path):
-    ok, reason = SshOnnxRuntimeTarget(SshSettings(host="")).available()
+    ok, reason = SshOnnxRuntimeTarget(unconfigured_ssh()).available()
     assert not ok and reason.startswith("no edge device configured (empty ssh host")
-    ok, reason = SshOnnxRuntimeTarget(SshSettings(host="a@b", known_hosts=str(tmp_path / "kh"))
+    ok, reason = SshOnnxRuntimeTarget(unconfigured_ssh(host="a@b", known_hosts=str(tmp_path / "kh"))
                                       ).available()
     assert not ok and "known_hosts" in reason and "never accepted unverified" in reason
     (tmp_path / "kh").write_text("")
-    ok, reason = SshOnnxRuntimeTarget(SshSettings(host="a@b", known_hosts=str(tmp_path / "kh"),
+    ok, reason = SshOnnxRuntimeTarget(unconfigured_ssh(host="a@b", known_hosts=str(tmp_path / "kh"),
                                                   key_file=str(tmp_path / "nokey"))).available()
     assert not ok and "nokey" in reason
-    assert SshTensorRtTarget(SshSettings(host="a@b", known_hosts=str(tmp_path / "kh"))
+    assert SshTensorRtTarget(unconfigured_ssh(host="a@b", known_hosts=str(tmp_path / "kh"))
                              ).available() == (True, "")
 
 
 @NEEDS_SSH_CLIENT
 def test_unreachable_host_fails_fast_with_a_clear_message(tmp_path, onnx_file):
     (tmp_path / "known_hosts").write_text("")
-    settings = SshSettings(host="nobody@127.0.0.1", port=free_port(), ssh_config="none",
+    settings = unconfigured_ssh(host="nobody@127.0.0.1", port=free_port(), ssh_config="none",
                            known_hosts=str(tmp_path / "known_hosts"), connect_timeout_s=3.0,
                            command_timeout_s=10.0)
     started = time.monotonic()
     with pytest.raises(SshError, match=r"cannot reach nobody@127\.0\.0\.1:\d+ over ssh: .*refused"):
         SshOnnxRuntimeTarget(settings).load(onnx_file)
     assert time.monotonic() - started < settings.command_timeout_s
-
-
-def test_precision_from_artifact_name():
-    assert precision_of(Path("a/m.int8.onnx")) == "int8"
-    assert precision_of(Path("m.fp16.onnx")) == "fp16"
-    assert precision_of(Path("m.sim.onnx")) == precision_of(Path("m.onnx")) == "fp32"
 
 
 def test_remote_runner_times_with_the_same_rule_as_the_pipeline():

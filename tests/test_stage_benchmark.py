@@ -10,13 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import ValidationError
-from sshd_fixture import free_port, serve_sshd, settings_for, tiny_checkpoint, tiny_onnx
+from sshd_fixture import (
+    free_port,
+    serve_sshd,
+    settings_for,
+    tiny_checkpoint,
+    tiny_onnx,
+    unconfigured_ssh,
+)
 
 from pipeline.checkpoint import load_model
-from pipeline.config import BenchmarkConfig, OnnxRuntimeCpuConfig, SshDeviceConfig, TimingConfig
+from pipeline.config import BenchmarkConfig, TimingPlan
 from pipeline.data import make_synthetic, save_prepared
 from stages.benchmark import BenchPaths, run
+from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
+from targets.registry import make_target
+from targets.torch_eager import TorchSettings
 
 MODELS = ("teacher", "student_final")
 
@@ -34,33 +43,41 @@ def workspace(tmp_path_factory) -> Path:
     (root / "artifacts").mkdir()
     for model, width in zip(MODELS, (8, 4), strict=True):
         checkpoint = tiny_checkpoint(root / "models" / f"{model}.pt", base_width=width)
-        tiny_onnx(checkpoint, root / "artifacts" / f"{model}.sim.onnx")
+        tiny_onnx(checkpoint, root / "artifacts" / f"{model}.fp32.onnx")
     return root
 
 
 def paths(root: Path, target: str) -> BenchPaths:
-    return BenchPaths(root / "metrics" / f"bench_{target}.json",
-                      root / "plots" / f"bench_{target}.csv", root / "data" / "prepared.npz",
+    return BenchPaths(root / "metrics" / f"benchmark_{target}.json",
+                      root / "plots" / f"benchmark_{target}.csv", root / "data" / "prepared.npz",
                       root / "models", root / "artifacts")
 
 
-def config(targets: dict, ssh: SshDeviceConfig | None = None, **overrides) -> BenchmarkConfig:
+def config(targets: dict, **overrides) -> BenchmarkConfig:
     values = dict(
         targets=targets, models=MODELS, batch_sizes=(1, 4), eval_images=12,
-        timing=TimingConfig(warmup_iters=1, warmup_seconds=0.0, min_iters=2, min_seconds=0.0),
-        torch_threads=1,
-        onnxruntime=OnnxRuntimeCpuConfig(graph_optimization="all", intra_op_threads=1,
-                                         inter_op_threads=1, providers=("CPUExecutionProvider",)),
-        ssh=ssh or SshDeviceConfig(host="", port=22, key_file="", known_hosts="",
-                                   ssh_config="none", remote_python=("python3",), remote_tmp="/tmp",
-                                   providers=("CPUExecutionProvider",), trtexec="trtexec",
-                                   threads=1, connect_timeout_s=3.0, command_timeout_s=30.0))
+        timing=TimingPlan(warmup_iters=1, warmup_seconds=0.0, min_iters=2, min_seconds=0.0))
     return BenchmarkConfig(**(values | overrides))
+
+
+SETTINGS = {"torch": TorchSettings(threads=1),
+            "onnxruntime": OnnxRuntimeCpuSettings(graph_optimization="all", intra_op_threads=1,
+                                                  inter_op_threads=1,
+                                                  providers=("CPUExecutionProvider",)),
+            "ssh": unconfigured_ssh()}
+
+
+def target(name: str, ssh=None):
+    """Target `name` through the factory, with test settings (the SSH device: `ssh`)."""
+    from targets.registry import target_class
+
+    key = target_class(name).settings_key
+    return make_target(name, ssh if key == "ssh" and ssh is not None else SETTINGS[key])
 
 
 def test_torch_cpu_rows_carry_accuracy_latency_and_provenance(workspace):
     out = paths(workspace, "torch-cpu")
-    rows = run(config({"torch-cpu": ("fp32",)}), "torch-cpu", MODELS, out)
+    rows = run(config({"torch-cpu": ("fp32",)}), target("torch-cpu"), out)
     assert [(r["model"], r["batch_size"]) for r in rows] == [
         ("teacher", 1), ("teacher", 4), ("student_final", 1), ("student_final", 4)]
     for row in rows:
@@ -79,11 +96,12 @@ def test_torch_cpu_rows_carry_accuracy_latency_and_provenance(workspace):
 
 
 def test_onnxruntime_rows_and_a_missing_artifact(workspace):
-    rows = run(config({"onnxruntime-cpu": ("fp32", "int8")}, batch_sizes=(4,)),
-               "onnxruntime-cpu", MODELS[:1], paths(workspace, "onnxruntime-cpu"))
+    rows = run(config({"onnxruntime-cpu": ("fp32", "int8")}, batch_sizes=(4,),
+                      models=MODELS[:1]),
+               target("onnxruntime-cpu"), paths(workspace, "onnxruntime-cpu"))
     fp32, int8 = rows
     assert fp32["status"] == "ok" and fp32["agreement"] >= 0.9
-    assert fp32["artifact"].endswith("teacher.sim.onnx")
+    assert fp32["artifact"].endswith("teacher.fp32.onnx")
     assert int8["status"] == "failed" and "teacher.int8.onnx not found" in int8["reason"]
     assert int8["p50_ms"] is None
 
@@ -98,10 +116,10 @@ def test_static_batch_artifact_skips_other_batch_sizes(workspace, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(load_model(checkpoint).model, (torch.zeros(1, 3, 32, 32),),
-                          str(root / "artifacts" / "teacher.sim.onnx"), input_names=["input"],
+                          str(root / "artifacts" / "teacher.fp32.onnx"), input_names=["input"],
                           output_names=["logits"], dynamo=False)
-    rows = run(config({"onnxruntime-cpu": ("fp32",)}, eval_images=5), "onnxruntime-cpu",
-               ("teacher",), paths(root, "onnxruntime-cpu"))
+    rows = run(config({"onnxruntime-cpu": ("fp32",)}, eval_images=5, models=("teacher",)),
+               target("onnxruntime-cpu"), paths(root, "onnxruntime-cpu"))
     assert [(r["batch_size"], r["status"]) for r in rows] == [(1, "ok"), (4, "skipped")]
     assert "fixed at 1" in rows[1]["reason"]
     assert rows[0]["agreement"] >= 0.8 and rows[0]["eval_images"] == 5  # tail padding worked
@@ -110,7 +128,7 @@ def test_static_batch_artifact_skips_other_batch_sizes(workspace, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_unavailable_target_gives_skipped_rows_with_the_reason(workspace):
     out = paths(workspace, "torch-cuda")
-    rows = run(config({"torch-cuda": ("fp32",)}), "torch-cuda", MODELS, out)
+    rows = run(config({"torch-cuda": ("fp32",)}), target("torch-cuda"), out)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"skipped"}
     assert all("CUDA" in r["reason"] for r in rows)
     assert json.loads(out.metrics.read_text())["available"] is False
@@ -119,37 +137,22 @@ def test_unavailable_target_gives_skipped_rows_with_the_reason(workspace):
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
 def test_unreachable_edge_device_gives_failed_rows_in_time(workspace, tmp_path):
     (tmp_path / "known_hosts").write_text("")
-    ssh = SshDeviceConfig(host="nobody@127.0.0.1", port=free_port(), key_file="",
-                          known_hosts=str(tmp_path / "known_hosts"), ssh_config="none",
-                          remote_python=("python3",), remote_tmp="/tmp",
-                          providers=("CPUExecutionProvider",), trtexec="trtexec", threads=1,
-                          connect_timeout_s=3.0, command_timeout_s=20.0)
+    ssh = unconfigured_ssh(host="nobody@127.0.0.1", port=free_port(),
+                           known_hosts=str(tmp_path / "known_hosts"), command_timeout_s=20.0)
     started = time.monotonic()
-    rows = run(config({"ssh-onnxruntime": ("fp32",)}, ssh=ssh, batch_sizes=(1,)),
-               "ssh-onnxruntime", MODELS[:1], paths(workspace, "ssh-onnxruntime"))
+    rows = run(config({"ssh-onnxruntime": ("fp32",)}, batch_sizes=(1,), models=MODELS[:1]),
+               target("ssh-onnxruntime", ssh), paths(workspace, "ssh-onnxruntime"))
     assert time.monotonic() - started < 20.0
     (row,) = rows
     assert row["status"] == "failed"
     assert "SshError" in row["reason"] and "cannot reach nobody@127.0.0.1" in row["reason"]
 
 
-def test_unsupported_precision_is_rejected_when_the_config_loads():
-    with pytest.raises(ValidationError, match=r"target 'torch-cpu' does not support \['int8'\]"):
-        config({"torch-cpu": ("fp32", "int8")})
-    with pytest.raises(ValidationError, match="unknown target 'tpu'"):
-        config({"tpu": ("fp32",)})
-
-
 @pytest.mark.edge
 def test_edge_device_over_ssh(workspace, sshd_server):
     s = settings_for(sshd_server)
-    ssh = SshDeviceConfig(host=s.host, port=s.port, key_file=s.key_file,
-                          known_hosts=s.known_hosts, ssh_config="none",
-                          remote_python=s.remote_python, remote_tmp=s.remote_tmp,
-                          providers=("CPUExecutionProvider",), trtexec="trtexec", threads=1,
-                          connect_timeout_s=5.0, command_timeout_s=60.0)
-    rows = run(config({"ssh-onnxruntime": ("fp32",)}, ssh=ssh), "ssh-onnxruntime",
-               MODELS[1:], paths(workspace, "ssh-onnxruntime"))
+    rows = run(config({"ssh-onnxruntime": ("fp32",)}, models=MODELS[1:]),
+               target("ssh-onnxruntime", s), paths(workspace, "ssh-onnxruntime"))
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["agreement"] >= 0.9 and rows[1]["n"] == 2
     device = rows[0]["provenance"]["device"]

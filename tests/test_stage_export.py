@@ -3,7 +3,6 @@
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -11,16 +10,20 @@ import pytest
 import torch
 
 import stages.export as export_stage
-from pipeline.cards import card_path, load_verified_onnx
 from pipeline.checkpoint import save_model
-from pipeline.config import ExportConfig, OnnxRuntimeCpuConfig, ParityTolerance, QuantizeConfig
+from pipeline.config import ExportConfig, ParityTolerance, QuantizeConfig, as_dict
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import DataError, ParityError
+from pipeline.export.cards import card_path, load_verified_onnx
 from pipeline.flops import model_cost
+from pipeline.io import write_json
 from pipeline.models import build_model
 from pipeline.parity import FP32_TOLERANCE
+from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
 
-SUFFIXES = {"onnx": ".onnx", "sim": ".sim.onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}
+SHIPPED = ("fp32", "fp16", "int8")
+RUNTIME = OnnxRuntimeCpuSettings(graph_optimization="all", intra_op_threads=1, inter_op_threads=1,
+                                 providers=("CPUExecutionProvider",))
 SPEC = {"arch": "resnet20", "num_classes": 4, "base_width": 4}
 
 
@@ -31,9 +34,7 @@ def export_config(**overrides) -> ExportConfig:
         int8=ParityTolerance(max_rel_diff=0.25, min_top1_agreement=0.8),
         quantize=QuantizeConfig(calibration_images=512, calibration_batch=128,
                                 calibration_method="percentile", activation_type="uint8",
-                                reduce_range=True, max_top1_drop=25.0),
-        runtime=OnnxRuntimeCpuConfig(graph_optimization="all", intra_op_threads=1,
-                                     inter_op_threads=1, providers=("CPUExecutionProvider",)))
+                                reduce_range=True, max_top1_drop=25.0))
     return ExportConfig(**(values | overrides))
 
 
@@ -54,45 +55,48 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def result(workspace) -> dict:
-    return export_stage.run(export_config(), workspace / "models" / "student_final.pt",
+    return export_stage.run(export_config(), RUNTIME, workspace / "models" / "student_final.pt",
                             workspace / "data" / "prepared.npz", workspace / "artifacts")
 
 
-def test_every_file_is_written_with_a_card_that_verifies(workspace, result):
-    precisions = {"onnx": "fp32", "sim": "fp32", "fp16": "fp16", "int8": "int8"}
-    for variant, suffix in SUFFIXES.items():
-        path = workspace / "artifacts" / f"student_final{suffix}"
+def test_every_shipped_file_is_written_with_a_card_that_verifies(workspace, result):
+    shipped = sorted(path.name for path in (workspace / "artifacts").iterdir())
+    assert shipped == sorted(f"student_final.{p}.{ext}" for p in SHIPPED
+                             for ext in ("onnx", "card.json"))
+    for precision in SHIPPED:
+        path = workspace / "artifacts" / f"student_final.{precision}.onnx"
         verified = load_verified_onnx(path)
-        assert verified.card["precision"] == precisions[variant]
+        assert verified.card["precision"] == precision
         assert verified.card["model"] == "student_final" and verified.card["opset"] == 18
-        assert verified.card["metrics"]["onnxruntime_top1"] == result["files"][variant]["top1"]
-        assert card_path(path).name == f"student_final{suffix.removesuffix('.onnx')}.card.json"
+        assert verified.card["metrics"]["onnxruntime_top1"] == result["files"][precision]["top1"]
+        assert card_path(path).name == f"student_final.{precision}.card.json"
+    assert result["files"]["exported"]["path"] is None  # checked, then dropped
 
 
 def test_metrics_hold_parity_node_counts_sizes_and_accuracy(result):
     assert result["model"] == "student_final" and result["parity_batches"] == [1, 64]
-    assert result["simplify"]["nodes_before"] == result["files"]["onnx"]["nodes"] == 58
-    assert result["simplify"]["nodes_after"] == result["files"]["sim"]["nodes"] == 56
+    assert result["simplify"]["nodes_before"] == result["files"]["exported"]["nodes"] == 58
+    assert result["simplify"]["nodes_after"] == result["files"]["fp32"]["nodes"] == 56
     for variant, entry in result["files"].items():
         assert entry["size_bytes"] > 0 and 0 <= entry["top1"] <= 1
         gates = {"vs_torch_b1", "vs_torch_b64", "batch_consistency"}
         assert gates <= set(entry["parity"]), variant
         assert entry["parity"]["vs_torch_b1"]["images"] == 64
-    for variant in ("onnx", "sim"):
+    for variant in ("exported", "fp32"):
         for gate in result["files"][variant]["parity"].values():
             assert gate["rel_diff"] <= 1e-4 and gate["top1_agreement"] == 1.0
-    assert result["files"]["sim"]["parity"]["vs_onnx_b64"]["rel_diff"] <= 1e-4
-    assert result["files"]["fp16"]["size_bytes"] < result["files"]["sim"]["size_bytes"]
+    assert result["files"]["fp32"]["parity"]["vs_exported_b64"]["rel_diff"] <= 1e-4
+    assert result["files"]["fp16"]["size_bytes"] < result["files"]["fp32"]["size_bytes"]
     assert result["int8_top1_drop_points"] == pytest.approx(
-        100 * (result["files"]["sim"]["top1"] - result["files"]["int8"]["top1"]))
+        100 * (result["files"]["fp32"]["top1"] - result["files"]["int8"]["top1"]))
     assert json.loads(json.dumps(result)) == result  # plain JSON for metrics/export_<m>.json
 
 
-@pytest.mark.parametrize("variant", list(SUFFIXES))
+@pytest.mark.parametrize("precision", SHIPPED)
 def test_each_file_gives_the_same_per_sample_results_at_batch_1_and_64(workspace, result,
-                                                                      variant):
-    session = ort.InferenceSession(str(workspace / "artifacts" / f"student_final"
-                                       f"{SUFFIXES[variant]}"),
+                                                                      precision):
+    session = ort.InferenceSession(str(workspace / "artifacts" /
+                                       f"student_final.{precision}.onnx"),
                                    providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
     together = session.run(["logits"], {"input": x})[0]
@@ -109,7 +113,7 @@ def test_a_failed_gate_stops_the_stage_before_any_card(workspace, tmp_path):
     with pytest.raises(ParityError, match=r"student_final.fp16.onnx vs torch at batch 1 on 64 "
                                           r"images: relative diff .* exceeds the allowed "
                                           r"1\.000e-07"):
-        export_stage.run(strict_fp16, workspace / "models" / "student_final.pt",
+        export_stage.run(strict_fp16, RUNTIME, workspace / "models" / "student_final.pt",
                          workspace / "data" / "prepared.npz", tmp_path)
     assert (tmp_path / "student_final.fp16.onnx").is_file()
     assert not list(tmp_path.glob("*.card.json"))
@@ -130,14 +134,14 @@ def test_too_few_training_images_for_calibration(workspace, tmp_path):
         calibration_images=1024, calibration_batch=128, calibration_method="minmax",
         activation_type="uint8", reduce_range=False, max_top1_drop=1.0))
     with pytest.raises(DataError, match="calibration needs 1024 training images .* has 512"):
-        export_stage.run(config, workspace / "models" / "student_final.pt",
+        export_stage.run(config, RUNTIME, workspace / "models" / "student_final.pt",
                          workspace / "data" / "prepared.npz", tmp_path)
 
 
 def test_dataset_with_other_classes_is_refused(workspace, tmp_path):
     save_prepared(make_synthetic(512, 8, 3, seed=0), tmp_path / "other.npz")
     with pytest.raises(DataError, match="expected the same"):
-        export_stage.run(export_config(), workspace / "models" / "student_final.pt",
+        export_stage.run(export_config(), RUNTIME, workspace / "models" / "student_final.pt",
                          tmp_path / "other.npz", tmp_path)
 
 
@@ -146,21 +150,24 @@ def test_parity_images_must_cover_the_large_batch():
         export_config(parity_images=32)
 
 
-def test_main_passes_paths_and_writes_the_metrics_file(tmp_path, monkeypatch):
+def test_main_reads_resolved_settings_and_writes_the_metrics_file(tmp_path, monkeypatch):
     calls = {}
 
-    def fake_run(cfg, model_path, dataset_path, out_dir, name):
-        calls.update(cfg=cfg, model=model_path, data=dataset_path, out=out_dir, name=name)
+    def fake_run(cfg, runtime, model_path, dataset_path, out_dir, name):
+        calls.update(cfg=cfg, runtime=runtime, model=model_path, data=dataset_path, out=out_dir,
+                     name=name)
         return {"model": name}
 
     config = export_config()
-    params = SimpleNamespace(export=config, common=SimpleNamespace(threads=1))
-    monkeypatch.setattr(export_stage, "load_params", lambda path: params)
+    common = {"profile": "smoke", "seed": 0, "device": "cpu", "threads": 1}
+    for stem, content in {"common": common, "export": as_dict(config),
+                          "targets/onnxruntime-cpu": as_dict(RUNTIME)}.items():
+        write_json(tmp_path / "resolved" / f"{stem}.json", content)
     monkeypatch.setattr(export_stage, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["export", "--name", "teacher"])
     export_stage.main()
-    assert calls == {"cfg": config, "model": Path("models/teacher.pt"),
+    assert calls == {"cfg": config, "runtime": RUNTIME, "model": Path("models/teacher.pt"),
                      "data": Path("data/prepared.npz"), "out": Path("artifacts"),
                      "name": "teacher"}
     assert json.loads((tmp_path / "metrics" / "export_teacher.json").read_text()) == {

@@ -1,21 +1,17 @@
 """The slim stage: exact on real images, and a violation fails it before anything is written."""
 
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.checkpoint import load_model, save_model
-from pipeline.config import load_params
+from pipeline.config import RunConfig, SlimConfig
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import ParityError
-from pipeline.gates import attach_gates
 from pipeline.models import build_model
-from stages import slim as slim_stage
+from pipeline.prune.gates import attach_gates
+from stages import student_slim as slim_stage
 from stages.compression import compression_table
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -32,12 +28,12 @@ def gated_checkpoint(tmp_path):
             module.running_var.uniform_(0.5, 2.0)
     meta = {"input_shape": [3, 32, 32], "top1": 0.1, "classes": list(dataset.classes)}
     save_model(tmp_path / "gated.pt", gated, spec, meta)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["profile"] = "smoke"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    settings = slim_stage.Settings(
+        common=RunConfig(seed=0, device="cpu", threads=0, profile="smoke"),
+        student_slim=SlimConfig(round_to=8, check_images=128, tolerance=1e-4))
     paths = slim_stage.Paths(dataset=tmp_path / "prepared.npz", gated=tmp_path / "gated.pt",
                              model=tmp_path / "slim.pt", metrics=tmp_path / "slim.json")
-    return load_params(tmp_path / "params.yaml"), paths
+    return settings, paths
 
 
 def test_slim_stage_is_exact_and_its_file_replays(gated_checkpoint):

@@ -10,19 +10,18 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.config import OnnxRuntimeCpuConfig
-from pipeline.errors import BuildError, FeedError, TargetUnavailable
-from pipeline.onnx_export import save_onnx
-from pipeline.quantize import convert_fp16
-from targets import TARGETS
+from pipeline.errors import BuildError, ConfigError, FeedError, TargetUnavailable
+from pipeline.export.onnx_export import save_onnx
+from pipeline.export.quantize import convert_fp16
 from targets.base import Target
-from targets.onnxruntime_cpu import OnnxRuntimeCpuTarget
+from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings, OnnxRuntimeCpuTarget
+from targets.registry import make_target, target_class, target_names
 
 
-def settings(**overrides) -> OnnxRuntimeCpuConfig:
+def settings(**overrides) -> OnnxRuntimeCpuSettings:
     values = dict(graph_optimization="all", intra_op_threads=1, inter_op_threads=1,
                   providers=("CPUExecutionProvider",))
-    return OnnxRuntimeCpuConfig(**(values | overrides))
+    return OnnxRuntimeCpuSettings(**(values | overrides))
 
 
 def conv_model() -> onnx.ModelProto:
@@ -56,18 +55,32 @@ def batch(count: int) -> np.ndarray:
 
 
 def test_registry_maps_names_to_target_classes():
-    assert TARGETS["onnxruntime-cpu"] is OnnxRuntimeCpuTarget
-    for name in TARGETS:
-        assert issubclass(TARGETS[name], Target) and TARGETS[name].name == name
-    with pytest.raises(KeyError):
-        TARGETS["no-such-target"]
+    assert target_class("onnxruntime-cpu") is OnnxRuntimeCpuTarget
+    for name in target_names():
+        cls = target_class(name)
+        assert issubclass(cls, Target) and cls.name == name
+        assert cls.settings_key and cls.Settings is not None
+    with pytest.raises(ConfigError, match="unknown target 'no-such-target'"):
+        target_class("no-such-target")
 
 
-def test_importing_targets_loads_no_target_module():
-    code = "import sys, targets; print(sorted(m for m in sys.modules if m.startswith('targets')))"
+def test_the_factory_validates_settings_against_the_targets_schema():
+    target = make_target("onnxruntime-cpu", {"graph_optimization": "all", "intra_op_threads": 1,
+                                             "inter_op_threads": 1,
+                                             "providers": ["CPUExecutionProvider"]})
+    assert isinstance(target, OnnxRuntimeCpuTarget) and target.threads == 1
+    with pytest.raises(ConfigError, match=r"runtimes\.onnxruntime\.intra_op_threads: .*greater"):
+        make_target("onnxruntime-cpu", {"graph_optimization": "all", "intra_op_threads": -1,
+                                        "inter_op_threads": 1,
+                                        "providers": ["CPUExecutionProvider"]})
+
+
+def test_importing_the_registry_loads_no_target_module():
+    code = ("import sys, targets.registry; "
+            "print(sorted(m for m in sys.modules if m.startswith('targets')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1])
-    assert result.stdout.strip() == "['targets']"
+    assert result.stdout.strip() == "['targets', 'targets.base', 'targets.registry']"
 
 
 def test_declares_what_it_supports():

@@ -12,7 +12,7 @@ from pipeline.checkpoint import load_model
 from pipeline.errors import BuildError, FeedError, TargetUnavailable
 from pipeline.timing import TimingPlan
 from targets.torch_cuda import TorchCudaGraphsTarget, TorchCudaTarget
-from targets.torch_eager import TorchCpuTarget
+from targets.torch_eager import TorchCpuTarget, TorchSettings
 
 PLAN = TimingPlan(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
 
@@ -27,7 +27,7 @@ def batch(count: int) -> np.ndarray:
 
 
 def test_cpu_runner_matches_the_model_and_restores_threads(model_file):
-    target = TorchCpuTarget(threads=1)
+    target = TorchCpuTarget(TorchSettings(threads=1))
     assert target.available() == (True, "")
     before = torch.get_num_threads()
     expected = load_model(model_file).model(torch.from_numpy(batch(3))).detach().numpy()
@@ -48,24 +48,25 @@ def test_cpu_runner_matches_the_model_and_restores_threads(model_file):
     ({"input": torch.zeros(1, 3, 32, 32)}, "not numpy arrays"),
 ])
 def test_cpu_runner_checks_its_inputs(model_file, feeds, message):
-    with TorchCpuTarget().load(model_file) as runner, pytest.raises(FeedError, match=message):
+    target = TorchCpuTarget(TorchSettings(threads=0))
+    with target.load(model_file) as runner, pytest.raises(FeedError, match=message):
         runner.infer(feeds)
 
 
 def test_torch_targets_take_model_files_not_onnx(tmp_path):
     with pytest.raises(BuildError, match="not .onnx files"):
-        TorchCpuTarget().build(tmp_path / "m.sim.onnx", tmp_path)
+        TorchCpuTarget(TorchSettings(threads=0)).build(tmp_path / "m.fp32.onnx", tmp_path)
     with pytest.raises(BuildError, match="model file not found"):
-        TorchCpuTarget().build(tmp_path / "missing.pt", tmp_path)
+        TorchCpuTarget(TorchSettings(threads=0)).build(tmp_path / "missing.pt", tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 @pytest.mark.parametrize("target_class", [TorchCudaTarget, TorchCudaGraphsTarget])
 def test_cuda_targets_say_why_they_are_unavailable(target_class, model_file):
-    ok, reason = target_class().available()
+    ok, reason = target_class(TorchSettings(threads=0)).available()
     assert not ok and "CUDA" in reason
     with pytest.raises(TargetUnavailable, match=f"'{target_class.name}' is not available"):
-        target_class().load(model_file)
+        target_class(TorchSettings(threads=0)).load(model_file)
 
 
 @pytest.mark.gpu
@@ -73,7 +74,7 @@ def test_cuda_targets_say_why_they_are_unavailable(target_class, model_file):
 @pytest.mark.parametrize("target_class", [TorchCudaTarget, TorchCudaGraphsTarget])
 def test_cuda_targets_time_phases_on_the_device(target_class, model_file):
     expected = load_model(model_file).model(torch.from_numpy(batch(4))).detach().numpy()
-    with target_class().load(model_file) as runner:
+    with target_class(TorchSettings(threads=0)).load(model_file) as runner:
         np.testing.assert_allclose(runner.infer({"input": batch(4)})["logits"], expected,
                                    rtol=1e-3, atol=1e-4)
         stats = runner.benchmark({"input": batch(4)}, PLAN)

@@ -5,12 +5,11 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.errors import ConfigError
+from pipeline.config import SectionError, validate
 from pipeline.timing import (
     TimingPlan,
     measure_latency,
     measure_phases,
-    percentile,
     phase_stats,
     run_plan,
     summarize,
@@ -31,20 +30,18 @@ class FakeClock:
         self.now += self.step
 
 
-def test_percentiles_of_fixed_samples_are_exact():
-    ordered = [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert percentile(ordered, 50) == 3.0
-    assert percentile(ordered, 90) == pytest.approx(4.6)
-    assert percentile(ordered, 99) == pytest.approx(4.96)
-    assert percentile(ordered, 0) == 1.0 and percentile(ordered, 100) == 5.0
+def test_percentiles_are_numpys_linear_rule():
     samples = [0.3, 7.0, 1.5, 2.25, 9.0, 4.0, 0.1]
-    for q in (10, 50, 90, 99):
-        assert percentile(sorted(samples), q) == pytest.approx(np.percentile(samples, q))
+    stats = summarize(samples, batch_size=1)
+    assert stats.p50_ms == pytest.approx(1e3 * np.percentile(samples, 50))
+    assert stats.p90_ms == pytest.approx(1e3 * np.percentile(samples, 90))
+    assert stats.p99_ms == pytest.approx(1e3 * np.percentile(samples, 99))
+    assert summarize([1.0, 2.0, 3.0, 4.0, 5.0], 1).p90_ms == pytest.approx(4600.0)
 
 
-def test_percentile_of_nothing_is_an_error():
+def test_statistics_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="no samples"):
-        percentile([], 50)
+        summarize([], 1)
 
 
 def test_summarize_reports_milliseconds_and_throughput():
@@ -122,7 +119,7 @@ def test_measure_phases_follows_the_plan():
 
 @pytest.mark.parametrize("kwargs", [dict(min_iters=0), dict(warmup_iters=-1),
                                     dict(min_seconds=-1.0)])
-def test_impossible_plans_are_config_errors(kwargs):
+def test_impossible_plans_are_refused(kwargs):
     settings = dict(warmup_iters=1, warmup_seconds=0.0, min_iters=1, min_seconds=0.0) | kwargs
-    with pytest.raises(ConfigError, match="timing plan"):
-        TimingPlan(**settings)
+    with pytest.raises(SectionError, match=rf"timing\.{next(iter(kwargs))}: .*greater than"):
+        validate(TimingPlan, settings, "timing")

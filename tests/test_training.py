@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from ruamel.yaml import YAML
 from torch import nn
 
 from pipeline.config import TrainConfig
@@ -95,16 +95,17 @@ def test_checkpoint_from_other_settings_is_not_resumed(tmp_path):
 @pytest.mark.slow
 def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path):
     """A real process killed with SIGKILL mid-run, started again, continues after its checkpoint."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = YAML(typ="safe").load((REPO / "params.yaml").read_text())
     raw["profile"] = "smoke"
-    raw["profiles"]["smoke"]["train_teacher"].update(arch="resnet20", epochs=6)
+    raw["profiles"]["smoke"]["teacher"].update(arch="resnet20", epochs=6)
     raw["common"]["threads"] = 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    YAML(typ="safe").dump(raw, tmp_path / "params.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "stages.prepare_data"], cwd=tmp_path, env=env,
-                   check=True, capture_output=True)
-    checkpoint = tmp_path / "checkpoints" / "train_teacher.pt"
-    stage = [sys.executable, "-m", "stages.train_teacher"]
+    for setup in ("validate_params", "prepare_data"):
+        subprocess.run([sys.executable, "-m", f"stages.{setup}"], cwd=tmp_path, env=env,
+                       check=True, capture_output=True)
+    checkpoint = tmp_path / "checkpoints" / "teacher.pt"
+    stage = [sys.executable, "-m", "stages.teacher"]
     first = subprocess.Popen(stage, cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
@@ -117,5 +118,5 @@ def test_killed_stage_resumes_from_its_last_checkpoint(tmp_path):
     second = subprocess.run(stage, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert f"resuming after epoch {done} of 6" in second.stderr
-    curves = (tmp_path / "plots" / "train_teacher.csv").read_text().splitlines()
+    curves = (tmp_path / "plots" / "teacher.csv").read_text().splitlines()
     assert len(curves) == 1 + 6

@@ -10,7 +10,6 @@ from targets.trtexec import (
     TrtexecOutputError,
     benchmark_command,
     parse_log,
-    parse_profile,
     parse_times,
     times_stats,
 )
@@ -37,14 +36,6 @@ TIMES_JSON = """[
 TIMES_JSON_TRT7 = json.dumps([
     {"startInMs": 0.0, "startComputeMs": 0.2, "inMs": 0.2, "computeMs": 1.0, "outMs": 0.3,
      "latencyMs": 1.5, "endToEndMs": 1.5}])
-
-PROFILE_JSON = """[
-  { "count" : 40 }
-, { "name" : "conv1 + relu", "timeMs" : 20.0, "averageMs" : 0.5, "medianMs" : 0.5,
-    "percentage" : 80.0 }
-, { "name" : "gemm", "timeMs" : 5.0, "averageMs" : 0.125, "medianMs" : 0.12, "percentage" : 20.0 }
-]
-"""
 
 LOG = """&&&& RUNNING TensorRT.trtexec [TensorRT v8601] # trtexec --onnx=m.onnx
 [11/01/2024-10:32:46] [I] === Device Information ===
@@ -85,15 +76,6 @@ def test_malformed_times_are_errors(text, message):
     assert issubclass(TrtexecOutputError, PipelineError)
 
 
-def test_profile_layers():
-    count, layers = parse_profile(PROFILE_JSON)
-    assert count == 40
-    assert [layer.name for layer in layers] == ["conv1 + relu", "gemm"]
-    assert layers[0].average_ms == 0.5 and layers[1].percentage == 20.0
-    with pytest.raises(TrtexecOutputError, match="count"):
-        parse_profile('[{"name": "x"}]')
-
-
 def test_log_gives_version_and_device():
     assert parse_log(LOG) == {"tensorrt": "8.6.1", "gpu": "Orin", "compute_capability": "8.7"}
     assert parse_log("[TensorRT v100300]")["tensorrt"] == "10.3.0"
@@ -104,11 +86,10 @@ def test_log_gives_version_and_device():
 def test_benchmark_command_is_an_argument_list():
     plan = TimingPlan(warmup_iters=5, warmup_seconds=0.2, min_iters=100, min_seconds=1.5)
     command = benchmark_command("trtexec", "/tmp/x/m.fp16.onnx", "input", (64, 3, 32, 32), "fp16",
-                                plan, "/tmp/x/t.json", profile_file="/tmp/x/p.json")
+                                plan, "/tmp/x/t.json")
     assert command[:3] == ["trtexec", "--onnx=/tmp/x/m.fp16.onnx", "--fp16"]
     assert {"--warmUp=200", "--iterations=100", "--duration=2", "--exportTimes=/tmp/x/t.json",
-            "--shapes=input:64x3x32x32", "--separateProfileRun",
-            "--exportProfile=/tmp/x/p.json"} <= set(command)
+            "--shapes=input:64x3x32x32"} <= set(command)
     static = benchmark_command("trtexec", "m.onnx", "input", None, "fp32", plan, "t.json")
     assert not any(arg.startswith(("--shapes", "--fp16", "--int8")) for arg in static)
     with pytest.raises(ConfigError, match="precision 'bf8'"):

@@ -3,7 +3,7 @@
 Option A: the shortcut of a down-sampling block takes every second pixel and zero-pads the
 channel axis. It is written here as an explicit module (`ZeroPadShortcut`) that carries its
 channel mapping, because generic dependency graphs mistake a channel-axis pad for an
-element-wise op (see docs: METHODS.md, "option-A shortcuts and the dependency graph").
+element-wise op (see docs/methods.md, "Option-A shortcuts and the dependency graph").
 """
 
 import torch

@@ -1,10 +1,11 @@
 """Model cards: what a shipped file is, where it came from, and the hash that ties the two.
 
-Every shipped file gets a card beside it: `teacher.sim.onnx` -> `teacher.sim.card.json`. The same
-card, minus the fields that depend on the file's own bytes (file, sha256, size_bytes, metrics),
-is embedded in the ONNX file's metadata_props under `prune_deploy.card`, so a file separated
-from its card still says what it is. `load_verified_onnx` refuses a file whose bytes do not hash
-to its card's sha256, whose embedded card disagrees with the card file, or that is not ONNX.
+Every shipped file gets a card beside it (pipeline.artifacts.card_path): `teacher.fp32.onnx` ->
+`teacher.fp32.card.json`. The same card, minus the fields that depend on the file's own bytes
+(file, sha256, size_bytes, metrics), is embedded in the ONNX file's metadata_props under
+`prune_deploy.card`, so a file separated from its card still says what it is.
+`load_verified_onnx` refuses a file whose bytes do not hash to its card's sha256, whose embedded
+card disagrees with the card file, or that is not ONNX.
 """
 
 import json
@@ -15,10 +16,11 @@ from typing import Any
 
 import onnx
 
+from pipeline.artifacts import card_path
 from pipeline.checkpoint import LoadedModel
 from pipeline.errors import ArtifactIntegrityError, CheckpointError
+from pipeline.export.onnx_export import BATCH_DIM, INPUT_NAME, OUTPUT_NAME
 from pipeline.io import file_sha256, write_json
-from pipeline.onnx_export import BATCH_DIM, INPUT_NAME, OUTPUT_NAME
 
 CARD_FORMAT = "prune-deploy/card/1"
 CARD_KEY = "prune_deploy.card"  # metadata_props key of the embedded card
@@ -31,11 +33,6 @@ TOOL_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "onnxs
 class VerifiedOnnx:
     model: onnx.ModelProto  # parsed and passed onnx.checker
     card: dict[str, Any]  # the .card.json, whose sha256 matches the file
-
-
-def card_path(artifact: str | os.PathLike) -> Path:
-    """`x.onnx` -> `x.card.json` (`teacher.int8.onnx` -> `teacher.int8.card.json`)."""
-    return Path(artifact).with_suffix(".card.json")
 
 
 def provenance() -> dict[str, Any]:

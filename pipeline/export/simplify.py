@@ -12,7 +12,7 @@ from typing import Any
 import onnx
 
 from pipeline.errors import ExportError
-from pipeline.onnx_export import clone, node_counts, tensor_dims, verify_onnx
+from pipeline.export.onnx_export import clone, node_counts, tensor_dims, verify_onnx
 
 SIMPLIFIERS = ("onnxsim", "onnxslim")
 

@@ -1,6 +1,6 @@
 """Exact channel slimming: gated network -> plain, narrower network with the same function.
 
-    slim_model, spec = slim(gated, round_to=8)          # gated: pipeline.gates.GatedModel
+    slim_model, spec = slim(gated, round_to=8)          # gated: pipeline.prune.gates.GatedModel
     exactness(gated, slim_model, images)                # (max |a - b|, max |a - b| / max |a|)
     model = apply_pruning_spec(build_model(arch_spec), spec)   # replay on a fresh model
 
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, ModelError, ParityError
-from pipeline.gates import GatedModel, build_dependency_graph
 from pipeline.models.resnet_cifar import ZeroPadShortcut
+from pipeline.prune.gates import GatedModel, build_dependency_graph
 
 SPEC_FORMAT = "prune-deploy/pruning/1"
 EXACTNESS_TOLERANCE = 1e-4  # relative: max |gated - slim| / max |gated| over the check batch

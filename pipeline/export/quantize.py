@@ -17,7 +17,7 @@ import onnx
 
 from pipeline.config import QuantizeConfig
 from pipeline.errors import ExportError, ParityError
-from pipeline.onnx_export import (
+from pipeline.export.onnx_export import (
     INPUT_NAME,
     check_interface,
     clone,

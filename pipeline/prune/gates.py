@@ -7,7 +7,7 @@ Usage (the whole public surface):
                {"params": gated.gate_parameters(), "weight_decay": 0}], lr=...)
     loss = task_loss + lam * macs_penalty(gated, target_fraction=0.6)   # optional budget
     gated.kept_channels(); gated.expected_macs(); count_flips(gated, snapshot)
-    slim_model, spec = pipeline.slimming.slim(gated, round_to=8)
+    slim_model, spec = pipeline.prune.slimming.slim(gated, round_to=8)
 
 Gate (seed 000, Bi-Real Net's ApproxSign): `gate = (ApproxSign(m) + 1) / 2` with logits
 `m ~ N(0, 1) * 1e-3`. Forward: ApproxSign(m) = +1 for m >= 0, -1 for m < 0 (so m == 0 gives
@@ -42,10 +42,9 @@ updates `source_index` when either side is pruned.
 """
 
 import copy
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,9 +53,10 @@ import torch_pruning as tp
 from torch import nn
 
 from pipeline.errors import ModelError
+from pipeline.flops import COUNTED, LayerCost, layer_costs
 from pipeline.models.resnet_cifar import ZeroPadShortcut
 
-_CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+_CONV_LINEAR = COUNTED  # the layers that produce and mix channels
 _GATEABLE = (nn.modules.conv._ConvNd, nn.Linear, ZeroPadShortcut)  # consumers gates can sit on
 
 
@@ -195,18 +195,6 @@ class ChannelGroup:
 
 
 @dataclass(frozen=True)
-class LayerCost:
-    """MACs of one conv/linear layer per sample, as a function of its kept channels."""
-
-    name: str
-    macs_per_pair: int  # output positions x kernel size: MACs per (in, out) channel pair
-    in_channels: int
-    out_channels: int
-    groups: int  # convolution groups (1 for linear)
-    depthwise: bool  # groups == in == out: MACs scale with kept channels, not their square
-
-
-@dataclass(frozen=True)
 class GatePlan:
     groups: tuple[ChannelGroup, ...]  # sorted by their key's position in named_modules
     out_spans: dict[str, tuple[ChannelSpan, ...]]  # module -> group spans on its output axis
@@ -236,7 +224,7 @@ def plan_gates(model: nn.Module, example_input: torch.Tensor,
             for name, span in spans:
                 table[name] = (*table.get(name, ()), span)
     groups.sort(key=lambda g: order[g.key])
-    return GatePlan(tuple(groups), out_spans, in_spans, _layer_costs(model, example_input),
+    return GatePlan(tuple(groups), out_spans, in_spans, layer_costs(model, example_input),
                     tuple(example_input.shape[1:]))
 
 
@@ -288,42 +276,6 @@ def _check_consumer(module: nn.Module, name: str) -> None:
         raise ModelError(
             f"cannot gate the input of {name} ({module}): gated channels may only be read by "
             f"Conv (not grouped or transposed, except depthwise), Linear or ZeroPadShortcut")
-
-
-def _layer_cost(name: str, module: nn.Module, output: torch.Tensor) -> LayerCost:
-    if isinstance(module, nn.Linear):
-        in_channels, out_channels, groups, kernel = module.in_features, module.out_features, 1, 1
-    else:
-        in_channels, out_channels, groups = module.in_channels, module.out_channels, module.groups
-        kernel = math.prod(module.weight.shape[2:])
-    per_pair = output[0].numel() // out_channels * kernel  # output positions x kernel size
-    depthwise = groups > 1 and groups == in_channels == out_channels
-    return LayerCost(name, per_pair, in_channels, out_channels, groups, depthwise)
-
-
-@torch.no_grad()
-def _layer_costs(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerCost, ...]:
-    """Record every conv/linear that runs, with its output size, in one eval-mode forward."""
-    costs: dict[str, LayerCost] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            cost = _layer_cost(name, module, output)
-            if name in costs:  # a module called twice costs twice
-                cost = replace(cost, macs_per_pair=cost.macs_per_pair + costs[name].macs_per_pair)
-            costs[name] = cost
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
-               if isinstance(m, _CONV_LINEAR)]
-    was_training = model.training
-    try:
-        model.eval()(example_input)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return tuple(costs.values())
 
 
 # ------------------------------------------------------------------------------ the gated model
@@ -457,8 +409,7 @@ class GatedModel(nn.Module):
     @property
     def full_macs(self) -> int:
         """MACs per sample with every channel kept (as pipeline.flops.count_macs counts)."""
-        return sum(layer.macs_per_pair * layer.in_channels * layer.out_channels // layer.groups
-                   for layer in self.plan.layers)
+        return sum(layer.macs for layer in self.plan.layers)
 
     def expected_macs(self) -> torch.Tensor:
         """MACs per sample of the network the current gates describe; differentiable in them."""

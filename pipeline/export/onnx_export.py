@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ExportError
+from pipeline.io import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -141,8 +142,5 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
         data = proto.SerializeToString()
     except ValueError as err:  # protobuf refuses messages over 2 GiB
         raise ExportError(f"{path}: model too large for a single-file ONNX ({err})") from err
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write_bytes(path, data)
     return path

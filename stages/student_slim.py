@@ -1,10 +1,10 @@
-"""slim stage: remove the gated-off channels for real and fold the gates away.
+"""student_slim stage: remove the gated-off channels for real and fold the gates away.
 
 The result is a plain dense network (no gate or mask ops). Exactness is checked on real test
-images in eval mode - slimmed logits must equal gated logits within `slim.tolerance` relative
-(max-abs / max-abs of the gated logits) - and again after reloading the saved file, which
-replays the pruning on a fresh model. A violation fails the stage before anything is written.
-Writes models/student_slim.pt and metrics/slim.json.
+images in eval mode - slimmed logits must equal gated logits within `student_slim.tolerance`
+relative (max-abs / max-abs of the gated logits) - and again after reloading the saved file,
+which replays the pruning on a fresh model. A violation fails the stage before anything is
+written. Writes models/student_slim.pt and metrics/student_slim.json.
 """
 
 from dataclasses import dataclass
@@ -13,14 +13,20 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import load_model, save_model
-from pipeline.config import Params
+from pipeline.config import RunConfig, SlimConfig
 from pipeline.data import normalize
 from pipeline.errors import ParityError
 from pipeline.io import write_json
-from pipeline.slimming import exactness, layer_widths, slim
+from pipeline.prune.slimming import exactness, layer_widths, slim
 from pipeline.students import load_gated
-from stages._cli import params_stage_main
+from stages._cli import stage_main
 from stages._common import cost_of, start_stage
+
+
+@dataclass(frozen=True)
+class Settings:
+    common: RunConfig
+    student_slim: SlimConfig
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class Paths:
     dataset: Path = Path("data/prepared.npz")
     gated: Path = Path("models/student_gated.pt")
     model: Path = Path("models/student_slim.pt")
-    metrics: Path = Path("metrics/slim.json")
+    metrics: Path = Path("metrics/student_slim.json")
 
 
 def check_images(ctx, count: int) -> torch.Tensor:
@@ -46,9 +52,9 @@ def require_exact(reference, candidate, images, tolerance: float, what: str) -> 
     return max_abs, relative
 
 
-def run(params: Params, paths: Paths) -> dict:
-    cfg = params.slim
-    ctx = start_stage(params, paths.dataset, __file__)
+def run(settings: Settings, paths: Paths) -> dict:
+    cfg = settings.student_slim
+    ctx = start_stage(settings.common, paths.dataset, __file__)
     gated, spec, meta = load_gated(paths.gated, ctx.device)
     slimmed, pruning = slim(gated, cfg.round_to, verify=False)
     images = check_images(ctx, cfg.check_images)
@@ -68,7 +74,7 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def main() -> None:
-    params_stage_main(__doc__, run, Paths())
+    stage_main(__doc__, run, Settings, Paths())
 
 
 if __name__ == "__main__":

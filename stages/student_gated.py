@@ -1,36 +1,39 @@
-"""distill_prune stage (PDD): train the gated student with CE + KD from the frozen teacher.
+"""student_gated stage (PDD): train the gated student with CE + KD from the frozen teacher.
 
 Every prunable channel group gets a 0/1 gate (straight-through ApproxSign) that trains jointly
 with the weights; an optional budget penalty drives the kept MACs towards a target fraction.
-Writes models/student_gated.pt (student weights + gate logits), metrics/pdd.json (top-1, kept
-channels per group, params/MACs before and after, gate flips per epoch), plots/pdd.csv.
+Writes models/student_gated.pt (student weights + gate logits), metrics/student_gated.json
+(top-1, kept channels per group, params/MACs before and after, gate flips per epoch) and
+plots/student_gated.csv.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from pipeline.checkpoint import save_model
-from pipeline.config import Params
-from pipeline.gates import GatedModel, attach_gates, count_flips, macs_penalty
+from pipeline.config import DistillConfig, RunConfig, StudentGatedConfig
 from pipeline.io import file_sha256
 from pipeline.models import build_model
-from pipeline.slimming import slim
+from pipeline.prune.gates import GatedModel, attach_gates, count_flips, macs_penalty
+from pipeline.prune.slimming import slim
 from pipeline.students import distillation_loss_fn, load_teacher
 from pipeline.training import TrainingRun, fit, prepare_model
-from stages._cli import params_stage_main
-from stages._common import cost_of, start_stage, training_metrics, write_curves_and_metrics
+from stages._cli import stage_main
+from stages._common import (
+    TrainingPaths,
+    cost_of,
+    start_stage,
+    training_metrics,
+    write_curves_and_metrics,
+)
 
 
 @dataclass(frozen=True)
-class Paths:
-    dataset: Path = Path("data/prepared.npz")
-    teacher: Path = Path("models/teacher.pt")
-    model: Path = Path("models/student_gated.pt")
-    metrics: Path = Path("metrics/pdd.json")
-    plots: Path = Path("plots/pdd.csv")
-    checkpoint: Path = Path("checkpoints/distill_prune.pt")
+class Settings:
+    common: RunConfig
+    distill: DistillConfig
+    student_gated: StudentGatedConfig
 
 
 class GateMonitor:
@@ -50,8 +53,7 @@ class GateMonitor:
                 "kept_macs_fraction": round(kept_macs, 6)}
 
 
-def budget_penalty(gated: GatedModel, params: Params):
-    cfg = params.distill_prune
+def budget_penalty(gated: GatedModel, cfg: StudentGatedConfig):
     if cfg.flops_weight == 0:
         return None
     return lambda: cfg.flops_weight * macs_penalty(gated, cfg.flops_target)
@@ -68,10 +70,10 @@ def pruning_summary(gated: GatedModel, ctx, cost_before) -> dict:
             "macs_before": cost_before.macs, "macs_after": cost_after.macs}
 
 
-def run(params: Params, paths: Paths) -> dict:
-    cfg, seed = params.distill_prune, params.common.seed
-    ctx = start_stage(params, paths.dataset, __file__)
-    spec = {"arch": cfg.arch, "num_classes": len(ctx.dataset.classes)}
+def run(settings: Settings, paths: TrainingPaths) -> dict:
+    cfg, seed = settings.student_gated, settings.common.seed
+    ctx = start_stage(settings.common, paths.dataset, __file__)
+    spec = {"arch": settings.distill.student_arch, "num_classes": len(ctx.dataset.classes)}
     model = build_model(spec)
     cost_before = cost_of(model, ctx)
     model = prepare_model(model, cfg, ctx.device)
@@ -82,15 +84,16 @@ def run(params: Params, paths: Paths) -> dict:
     train_loader, test_loader = ctx.loaders(cfg, seed)
     result = fit(gated, TrainingRun(
         cfg=cfg, train_loader=train_loader, test_loader=test_loader,
-        loss_fn=distillation_loss_fn(teacher, params.distill, cfg.label_smoothing,
-                                     budget_penalty(gated, params)),
+        loss_fn=distillation_loss_fn(teacher, settings.distill, cfg.label_smoothing,
+                                     budget_penalty(gated, cfg)),
         checkpoint_path=paths.checkpoint,
         param_groups=[{"params": list(gated.model.parameters())},
                       {"params": gated.gate_parameters(), "lr": cfg.gate_lr,
                        "weight_decay": 0.0}],
-        fingerprint=ctx.fingerprint(cfg, spec, seed, params.distill, file_sha256(paths.teacher)),
+        fingerprint=ctx.fingerprint(cfg, spec, seed, settings.distill,
+                                    file_sha256(paths.teacher)),
         on_epoch_start=monitor.epoch_start, on_epoch_end=monitor.epoch_end, title="pdd"))
-    metrics = {**training_metrics(result, cfg, ctx, params), "arch": cfg.arch,
+    metrics = {**training_metrics(result, cfg, ctx, settings.common), "arch": spec["arch"],
                **pruning_summary(gated, ctx, cost_before),
                "gate_flips_per_epoch": [row["gate_flips"] for row in result.history]}
     save_model(paths.model, gated, spec, ctx.model_meta(cost_before, metrics["top1"], gated=True))
@@ -99,7 +102,7 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def main() -> None:
-    params_stage_main(__doc__, run, Paths())
+    stage_main(__doc__, run, Settings, TrainingPaths("student_gated"))
 
 
 if __name__ == "__main__":

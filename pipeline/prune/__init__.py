@@ -1,0 +1,1 @@
+"""Channel pruning: PDD gates on channel groups and exact slimming of the gated network."""
