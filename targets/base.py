@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from pipeline.artifacts import artifact_path
 from pipeline.errors import FeedError, PipelineError, TargetUnavailable
 from pipeline.timing import LatencyStats, TimingPlan, measure_latency
 
@@ -113,6 +114,8 @@ class Target(ABC):
     source: ClassVar[Literal["onnx", "checkpoint"]] = "onnx"
     settings_key: ClassVar[str]  # its section under `runtimes` (targets may share one)
     Settings: ClassVar[type]  # pydantic dataclass of that section
+    # precision -> flavor of the ONNX file it reads (pipeline.artifacts), where not the default
+    onnx_flavors: ClassVar[dict[str, str]] = {}
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
@@ -138,3 +141,22 @@ class Target(ABC):
         ok, reason = self.available()
         if not ok:
             raise TargetUnavailable(f"target {self.name!r} is not available: {reason}")
+
+    def onnx_source(self, folder: Path, model: str, precision: str) -> Path:
+        """The exported ONNX file this target builds `model` at `precision` from."""
+        return artifact_path(folder, model, precision, flavor=self.onnx_flavors.get(precision))
+
+
+class EngineBuilder(ABC):
+    """Mixin of targets whose artifact is a serialized engine, bound to the TensorRT version and
+    GPU that built it (targets/engines.py): built where it runs, with an engine card beside it
+    (pipeline.export.cards). The engine stage builds through `build_engine`."""
+
+    # True: `load` runs the engine on this machine, so the engine stage checks its parity here.
+    engines_run_here: ClassVar[bool]
+
+    @abstractmethod
+    def build_engine(self, onnx_path: Path, out_dir: Path, build: Any) -> Path:
+        """Build `onnx_path` into out_dir/<model>.<precision>.<target>.engine (build: the
+        targets.engines.TensorRtSettings), reusing and updating the timing cache in out_dir,
+        and write the engine card; returns the engine's path."""
