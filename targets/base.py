@@ -10,6 +10,7 @@
 Heavy runtimes are imported inside methods, so `import targets` works on any machine.
 """
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,20 @@ def check_feeds(specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray]) -> 
         if array.ndim != len(spec.shape) or any(got != want for got, want in fixed):
             raise FeedError(f"input {name!r} has shape {array.shape}, expected {spec.shape} "
                             "(str/None = any size)")
+
+
+def onnx_inputs(path: str | os.PathLike) -> tuple[TensorSpec, ...]:
+    """The graph inputs of an ONNX file (initializers excluded), read without its weights."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return tuple(
+        TensorSpec(i.name, np.dtype(tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)),
+                   tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                         for d in i.type.tensor_type.shape.dim))
+        for i in graph.input if i.name not in weights)
 
 
 class Runner(ABC):
@@ -142,9 +157,10 @@ class Target(ABC):
         if not ok:
             raise TargetUnavailable(f"target {self.name!r} is not available: {reason}")
 
-    def onnx_source(self, folder: Path, model: str, precision: str) -> Path:
+    @classmethod
+    def onnx_source(cls, folder: Path, model: str, precision: str) -> Path:
         """The exported ONNX file this target builds `model` at `precision` from."""
-        return artifact_path(folder, model, precision, flavor=self.onnx_flavors.get(precision))
+        return artifact_path(folder, model, precision, flavor=cls.onnx_flavors.get(precision))
 
 
 class EngineBuilder(ABC):

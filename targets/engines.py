@@ -27,7 +27,7 @@ from pipeline.errors import BuildError, EngineMismatchError
 from pipeline.export.cards import load_verified_onnx, make_engine_card
 from pipeline.export.qdq import audit, precision_problems
 from pipeline.io import file_sha256
-from targets.base import TensorSpec
+from targets.base import TensorSpec, onnx_inputs
 
 MIB = 1 << 20
 PLAN_MAGIC = b"ftrt"  # a serialized engine's first bytes (trtexec sampleEngines.cpp, 10.3/11.1)
@@ -103,6 +103,7 @@ class EngineSource:
     precision: str
     sha256: str
     card: dict[str, Any] | None  # the ONNX card; None for a file without one (a CLI build)
+    input: TensorSpec  # its one image input
 
     def engine_path(self, out_dir: Path, target: str) -> Path:
         return artifact_path(out_dir, self.model, self.precision, target=target)
@@ -124,7 +125,8 @@ def engine_source(onnx_path: str | os.PathLike) -> EngineSource:
                 if precision == "int8" else "")
         raise BuildError(f"{path}: not a {precision} graph TensorRT can build: "
                          + "; ".join(problems) + hint)
-    return EngineSource(path, model, precision, file_sha256(path), card)
+    spec = image_input(onnx_inputs(path), path)
+    return EngineSource(path, model, precision, file_sha256(path), card, spec)
 
 
 def engine_card(source: EngineSource, target: str, facts: dict[str, Any]) -> dict[str, Any]:

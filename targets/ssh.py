@@ -53,6 +53,7 @@ from targets.base import (
     TensorSpec,
     UnsupportedOperation,
     check_feeds,
+    onnx_inputs,
 )
 from targets.engines import (
     MIB,
@@ -62,7 +63,6 @@ from targets.engines import (
     batch_profile,
     engine_card,
     engine_source,
-    image_input,
     plan_header_version,
 )
 
@@ -157,20 +157,6 @@ class SshClient:
 def _tagged_result(stdout: str) -> dict[str, Any] | None:
     lines = [ln for ln in stdout.splitlines() if ln.startswith(remote_runner.RESULT_TAG)]
     return json.loads(lines[-1][len(remote_runner.RESULT_TAG):]) if lines else None
-
-
-def onnx_inputs(path: Path) -> tuple[TensorSpec, ...]:
-    """The graph inputs of an ONNX file (initializers excluded), read without its weights."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    return tuple(
-        TensorSpec(i.name, np.dtype(tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)),
-                   tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                         for d in i.type.tensor_type.shape.dim))
-        for i in graph.input if i.name not in weights)
 
 
 def model_files(onnx_path: Path) -> list[Path]:
@@ -467,7 +453,7 @@ class SshTensorRtTarget(SshTarget, EngineBuilder):
         and the updated timing cache."""
         self.require_available()
         source = engine_source(onnx_path)
-        profile = batch_profile(image_input(onnx_inputs(source.path), source.path), build)
+        profile = batch_profile(source.input, build)
         cache = timing_cache_path(out_dir)
         cache_state = "reused" if cache.is_file() else "new"
         result = build_on_device(SshClient(self.settings), source, profile, build, cache)
