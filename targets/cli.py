@@ -47,7 +47,7 @@ SETTINGS_FROM_ARGS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = 
                       "providers": a.providers, "trtexec": a.trtexec, "threads": a.threads,
                       "connect_timeout_s": a.connect_timeout,
                       "command_timeout_s": a.command_timeout},
-    "tensorrt": lambda a: {"device": a.device, "min_batch": a.min_batch, "opt_batch": a.opt_batch,
+    "tensorrt": lambda a: {"device": a.device, "min_batch": a.min_batch, "opt_batch": a.opt_batch or a.max_batch,
                            "max_batch": a.max_batch, "workspace_mib": a.workspace_mib,
                            "tf32": a.tf32},
 }
@@ -144,7 +144,8 @@ def target_options() -> argparse.ArgumentParser:
     group.add_argument("--command-timeout", type=float, default=600.0, help="seconds")
     group.add_argument("--device", type=int, default=0, help="CUDA device (tensorrt)")
     group.add_argument("--min-batch", type=int, default=1, help="engine profile: smallest batch")
-    group.add_argument("--opt-batch", type=int, default=64, help="batch TensorRT tunes for")
+    group.add_argument("--opt-batch", type=int, default=0,
+                       help="batch TensorRT tunes for (default: --max-batch)")
     group.add_argument("--max-batch", type=int, default=64, help="engine profile: largest batch")
     group.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace, MiB")
     group.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 engine layers")
