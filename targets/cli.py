@@ -47,9 +47,9 @@ SETTINGS_FROM_ARGS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = 
                       "providers": a.providers, "trtexec": a.trtexec, "threads": a.threads,
                       "connect_timeout_s": a.connect_timeout,
                       "command_timeout_s": a.command_timeout},
-    "tensorrt": lambda a: {"device": a.device, "min_batch": a.min_batch, "opt_batch": a.opt_batch or a.max_batch,
-                           "max_batch": a.max_batch, "workspace_mib": a.workspace_mib,
-                           "tf32": a.tf32},
+    "tensorrt": lambda a: {"device": a.device, "min_batch": a.min_batch,
+                           "opt_batch": a.opt_batch or a.max_batch, "max_batch": a.max_batch,
+                           "workspace_mib": a.workspace_mib, "tf32": a.tf32},
 }
 
 
