@@ -1,9 +1,13 @@
 """A deserialized TensorRT engine on one GPU, driven with pycuda (optional extra `pycuda`).
 
-TensorRT calls follow the Python API of TensorRT 10.x and 11.x (name-based I/O since 10.0;
-bindings source python/src/infer/pyCore.cpp and pyCoreDoc.h at tags v10.3.0 and v11.1, the API
-reference at docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/, and the TensorRT
-10.1 migration guide's pycuda example). pycuda calls follow pycuda 2026.1's doc/driver.rst.
+The calls are tagged with where their signature is documented:
+[api10/11] the TensorRT Python API reference, 10.x and 11.x (name-based I/O since 10.0;
+  docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/: Runtime, ICudaEngine,
+  IExecutionContext), checked against the bindings' source at NVIDIA/TensorRT tags v10.3.0 and
+  v11.1 (python/src/infer/pyCore.cpp, pyCoreDoc.h); the pycuda buffer idiom is the TensorRT 10.1
+  migration guide's (docs.nvidia.com/deeplearning/tensorrt/archives/tensorrt-1010/);
+[pycuda] pycuda 2026.1, doc/driver.rst (documen.tician.de/pycuda/driver.html); Stream.handle
+  is in its source (src/wrapper/wrap_cudadrv.cpp), not in driver.rst.
 
 CUDA context: TensorRT uses the CUDA runtime API, which works in the device's *primary* context.
 pycuda.autoinit would create a second, private context; its maintainer's advice is to retain
@@ -39,13 +43,13 @@ def import_tensorrt() -> Any:
 def import_pycuda() -> Any:
     """pycuda.driver, initialised, or TargetUnavailable saying how to install it."""
     try:
-        import pycuda.driver as cuda
+        import pycuda.driver as cuda  # [pycuda]
     except ImportError as err:
         raise TargetUnavailable(f"pycuda is not importable ({err}); pip install "
                                 "'prune-deploy[pycuda]' (compiles against the CUDA toolkit: "
                                 "nvcc on PATH)") from err
     try:
-        cuda.init()  # driver.rst: "must be called before any other function in this module"
+        cuda.init()  # [pycuda] "must be called before any other function in this module"
     except Exception as err:  # noqa: BLE001 - pycuda raises its own LogicError/RuntimeError
         raise TargetUnavailable(f"the CUDA driver is not usable: {type(err).__name__}: "
                                 f"{err}") from err
@@ -54,28 +58,28 @@ def import_pycuda() -> Any:
 
 def device_facts(cuda: Any, index: int) -> tuple[str, str]:
     """(GPU name, compute capability "8.7") of device `index`, without making a context."""
-    if cuda.Device.count() <= index:  # driver.rst: Device.count()
+    if cuda.Device.count() <= index:  # [pycuda] Device.count()
         raise TargetUnavailable(f"CUDA device {index} requested, {cuda.Device.count()} visible")
     device = cuda.Device(index)
-    major, minor = device.compute_capability()  # driver.rst: "Return a 2-tuple"
+    major, minor = device.compute_capability()  # [pycuda] "Return a 2-tuple"
     return device.name(), f"{major}.{minor}"
 
 
 @contextmanager
 def primary_context(cuda: Any, index: int) -> Iterator[Any]:
     """Device `index`'s primary context, current on this thread while the block runs."""
-    context = cuda.Device(index).retain_primary_context()  # pycuda >= 2020.1; not made current
-    context.push()
+    context = cuda.Device(index).retain_primary_context()  # [pycuda] >= 2020.1; not current
+    context.push()  # [pycuda] Context.push()
     try:
         yield context
     finally:
-        context.pop()  # then the reference is dropped, as pycuda/autoprimaryctx.py does
+        context.pop()  # [pycuda] then the reference is dropped, as autoprimaryctx.py does
 
 
 def capturing_logger(trt: Any) -> Any:
     """A trt.ILogger that keeps warnings and errors, so that a None from the builder or the
     runtime can be explained (TensorRT reports those failures only to its logger).
-    pyCoreDoc.h ILoggerDoc: subclass trt.ILogger, call its __init__, implement log()."""
+    [api10/11] ILogger: subclass trt.ILogger, call its __init__, implement log()."""
 
     class Logger(trt.ILogger):
         def __init__(self) -> None:
@@ -112,8 +116,9 @@ class _Tensor:
 
 
 def _discover(trt: Any, engine: Any) -> dict[str, _Tensor]:
-    """The engine's I/O tensors by name (ICudaEngine.num_io_tensors, get_tensor_name/mode/
-    dtype/shape, get_tensor_profile_shape(name, profile) -> [min, opt, max]; 10.0+)."""
+    """The engine's I/O tensors by name ([api10/11] ICudaEngine.num_io_tensors,
+    get_tensor_name/mode/dtype/shape, get_tensor_profile_shape(name, profile) -> [min, opt,
+    max]; trt.nptype(DataType) -> numpy type)."""
     tensors = {}
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
@@ -149,26 +154,27 @@ class TensorRtRunner(Runner):
     def _load(self, engine_bytes: bytes) -> None:
         trt, cuda = self._trt, self._cuda
         self._logger = capturing_logger(trt)
-        self._runtime = trt.Runtime(self._logger)
-        # "The ICudaEngine, or None if it could not be deserialized" (pyCoreDoc.h): a version or
-        # GPU mismatch is a logged error, not an exception.
+        self._runtime = trt.Runtime(self._logger)  # [api10/11] Runtime(logger)
+        # [api10/11] deserialize_cuda_engine: "The ICudaEngine, or None if it could not be
+        # deserialized": a version or GPU mismatch is a logged error, not an exception.
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
             raise BuildError(f"TensorRT {trt.__version__} could not deserialize the engine: "
                              + ("; ".join(self._logger.errors()) or "no error logged"))
-        self._context = self._engine.create_execution_context()
+        self._context = self._engine.create_execution_context()  # [api10/11]
         if self._context is None:
             raise BuildError("create_execution_context returned None (out of device memory?)")
         self._tensors = _discover(trt, self._engine)
         self._allocate()
         # A stream of our own: with the default stream execute_async_v3 adds synchronisations
-        # ("Using default stream may lead to performance issues", pyCoreDoc.h).
-        self._stream = cuda.Stream()
-        self._events = [cuda.Event() for _ in range(4)]  # Event(flags=0): timing enabled
+        # ([api10/11] "Using default stream may lead to performance issues").
+        self._stream = cuda.Stream()  # [pycuda] Stream(flags=0)
+        self._events = [cuda.Event() for _ in range(4)]  # [pycuda] Event(flags=0): timing on
 
     def _allocate(self) -> None:
         cuda, context = self._cuda, self._context
         for tensor in self._tensors.values():  # the largest inputs give the largest outputs
+            # [api10/11] set_input_shape(name, shape) -> bool
             if tensor.is_input and not context.set_input_shape(tensor.name, tensor.high):
                 raise BuildError(f"set_input_shape({tensor.name}, {tensor.high}) failed")
         for tensor in self._tensors.values():
@@ -177,10 +183,10 @@ class TensorRtRunner(Runner):
                 raise BuildError(f"output {tensor.name} has a data-dependent shape {shape}; "
                                  "this runner has no IOutputAllocator")
             count = max(1, int(np.prod(shape)))
-            tensor.host = cuda.pagelocked_empty(count, tensor.dtype)
-            tensor.device = cuda.mem_alloc(count * tensor.dtype.itemsize)
-            # set_tensor_address(name, int): a DeviceAllocation "can be cast to int";
-            # cudaMalloc'd memory meets the 256-byte alignment TensorRT asks for.
+            tensor.host = cuda.pagelocked_empty(count, tensor.dtype)  # [pycuda]
+            tensor.device = cuda.mem_alloc(count * tensor.dtype.itemsize)  # [pycuda] bytes
+            # [api10/11] set_tensor_address(name, int) -> bool; [pycuda] a DeviceAllocation
+            # "can be cast to int", and its memory has the 256-byte alignment TensorRT needs.
             if not context.set_tensor_address(tensor.name, int(tensor.device)):
                 raise BuildError(f"set_tensor_address({tensor.name}) failed")
 
@@ -219,11 +225,12 @@ class TensorRtRunner(Runner):
             view = self._tensors[name].host[:array.size].reshape(array.shape)
             np.copyto(view, array)  # async copies need page-locked memory on the host side
             staged[name] = view
-        start.record(stream)
-        for name, view in staged.items():  # memcpy_htod_async copies the size of its source
+        start.record(stream)  # [pycuda] Event.record(stream)
+        for name, view in staged.items():  # [pycuda] memcpy_htod_async: the size of its source
             cuda.memcpy_htod_async(self._tensors[name].device, view, stream)
         copied_in.record(stream)
-        if not context.execute_async_v3(stream.handle):  # stream.handle: the CUstream as int
+        # [api10/11] execute_async_v3(stream_handle: int) -> bool; [pycuda] Stream.handle
+        if not context.execute_async_v3(stream.handle):
             raise BuildError("execute_async_v3 returned False: "
                              + ("; ".join(self._logger.errors()[-3:]) or "no error logged"))
         computed.record(stream)
@@ -232,10 +239,10 @@ class TensorRtRunner(Runner):
             if not tensor.is_input:  # output shapes are known once every input shape is set
                 shape = tuple(context.get_tensor_shape(tensor.name))
                 view = tensor.host[:int(np.prod(shape))].reshape(shape)
-                cuda.memcpy_dtoh_async(view, tensor.device, stream)  # the size of its target
+                cuda.memcpy_dtoh_async(view, tensor.device, stream)  # [pycuda] size of target
                 outputs[tensor.name] = view
         copied_out.record(stream)
-        copied_out.synchronize()
+        copied_out.synchronize()  # [pycuda] Event.synchronize()
         return outputs
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -245,7 +252,7 @@ class TensorRtRunner(Runner):
     def _timed_call(self, feeds: dict[str, np.ndarray]) -> dict[str, float]:
         self._enqueue(feeds)
         start, copied_in, computed, copied_out = self._events
-        # end.time_since(start): milliseconds between two completed events (driver.rst)
+        # [pycuda] end.time_since(start): milliseconds between two completed events
         return {"h2d": copied_in.time_since(start) / 1e3,
                 "compute": computed.time_since(copied_in) / 1e3,
                 "d2h": copied_out.time_since(computed) / 1e3}
@@ -263,13 +270,13 @@ class TensorRtRunner(Runner):
             return
         try:
             if self._stream is not None:
-                self._stream.synchronize()
+                self._stream.synchronize()  # [pycuda]
             for tensor in self._tensors.values():
                 if tensor.device is not None:
-                    tensor.device.free()
+                    tensor.device.free()  # [pycuda] DeviceAllocation.free()
                 allocation = getattr(tensor.host, "base", None)  # pagelocked_empty's memory
                 if hasattr(allocation, "free"):
-                    allocation.free()
+                    allocation.free()  # [pycuda] HostAllocation.free()
                 tensor.device = tensor.host = None
             self._events = []
             self._stream = self._context = self._engine = self._runtime = None
