@@ -9,8 +9,9 @@ checked against ONNX Runtime CPU running the same ONNX file on real test images 
 difference; fp16/int8: top-1 agreement and top-1 drop; limits in params `engine`). Writes
 metrics/engine_<target>-<precision>.json.
 
-A target not available here (no TensorRT, no GPU, no device configured) gives `skipped` rows
-with the reason, and the stage succeeds with an empty engine folder: the pipeline goes on. A
+A target not available here (no TensorRT, no GPU, no device configured, no trtexec on the
+device) gives `skipped` rows with the reason, and the stage succeeds with an empty engine
+folder: the pipeline goes on. A
 failed build or parity gate stops the stage; the engine it refused is removed with its card.
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from pipeline.artifacts import PRECISIONS, TIMING_CACHE, card_path, engine_folder
 from pipeline.config import EngineConfig, load_section
 from pipeline.data import load_prepared
-from pipeline.errors import ConfigError, ParityError, PipelineError
+from pipeline.errors import ConfigError, ParityError, PipelineError, TargetUnavailable
 from pipeline.export.cards import load_verified_engine, read_card
 from pipeline.io import write_json
 from pipeline.parity import batched_logits, measure_parity, runner_predictor, top1_accuracy
@@ -166,6 +167,10 @@ def run(settings: Settings, target: Target, precision: str, paths: EnginePaths) 
             continue
         try:
             result["models"][model] = build_model(target, model, precision, settings, paths)
+        except TargetUnavailable as err:  # learnt only on the device (e.g. no trtexec there)
+            log.warning("%s: skipped: %s", model, err)
+            result["models"][model] = {"status": "skipped", "reason": str(err)}
+            continue
         except PipelineError as err:  # every row so far is written, then the stage stops
             result["models"][model] = {"status": "failed", "reason": f"{type(err).__name__}: "
                                        f"{err}"}

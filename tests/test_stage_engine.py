@@ -230,6 +230,16 @@ def test_ssh_engines_are_built_on_the_device_and_carded(exported, tmp_path, sshd
     assert card["profile"]["max"] == [16, 3, 32, 32] and card["mean"] == card["source_card"]["mean"]
 
 
+@pytest.mark.edge
+def test_a_device_without_trtexec_gives_skipped_rows(exported, tmp_path, sshd_server):
+    paths = workspace(exported, tmp_path)
+    target = make_target("ssh-tensorrt", settings_for(sshd_server, trtexec="/nonexistent/trt"))
+    row = run(SETTINGS, target, "fp16", paths)["models"]["student_final"]
+    assert row["status"] == "skipped" and "'/nonexistent/trt' not found on the device" in \
+        row["reason"]
+    assert not list((paths.artifacts / "engines" / "ssh-tensorrt" / "fp16").iterdir())
+
+
 def test_settings_are_read_from_the_resolved_files(tmp_path, monkeypatch):
     from pipeline.config import as_dict
     from pipeline.io import write_json
