@@ -136,7 +136,7 @@ def build_model(target: Target, model: str, precision: str, settings: Settings,
         parity = check_parity_here(target, engine, onnx, precision, settings, paths) \
             if target.engines_run_here else {
                 "status": "not checked", "reason": f"{target.name} engines run on the device; "
-                "check them there with the tensorrt target (prune-deploy bench)"}
+                f"there, `dvc repro engine@tensorrt-{precision}` builds and checks them"}
     except PipelineError:
         card_path(engine).unlink(missing_ok=True)  # refused: neither engine nor card remains
         engine.unlink(missing_ok=True)
