@@ -236,6 +236,27 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True, config=STRICT)
+class EngineParityLimits:
+    """How far a reduced-precision engine may drift from ONNX Runtime CPU running its ONNX file."""
+
+    min_top1_agreement: Annotated[float, Field(gt=0, le=1)]  # share of images with equal top-1
+    max_top1_drop: NonNegativeFloat  # top-1 points (percent) the engine may lose vs ONNX Runtime
+
+
+@dataclass(frozen=True, config=STRICT)
+class EngineConfig:
+    """The engine stages (engine@<target>-<precision>): TensorRT engines of the exported ONNX
+    files, built on the machine that runs them (build settings: runtimes.tensorrt). Engines
+    built on this machine are checked against ONNX Runtime CPU on real test images."""
+
+    models: Annotated[tuple[str, ...], Field(min_length=1)]  # artifacts/<m>.* to build engines of
+    parity_images: PositiveInt  # first N test images run through engine and ONNX Runtime
+    fp32_max_rel_diff: PositiveFloat  # fp32 engines: max|ort - engine| / max|ort| allowed
+    fp16: EngineParityLimits  # fp16 engines (strongly typed from the fp16 ONNX file)
+    int8: EngineParityLimits  # int8 engines (from the symmetric int8.trt ONNX file)
+
+
+@dataclass(frozen=True, config=STRICT)
 class ReportConfig:
     """The comparison report (pipeline/report.py)."""
 

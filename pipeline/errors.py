@@ -46,3 +46,7 @@ class ArtifactIntegrityError(PipelineError):
 
 class FeedError(PipelineError):
     """Inputs given to a runner do not match its input names, dtypes or shapes."""
+
+
+class EngineMismatchError(ArtifactIntegrityError):
+    """An engine cannot run here: another TensorRT version, GPU or platform built it."""

@@ -15,6 +15,7 @@ from pipeline.config import (
     CommonConfig,
     DataConfig,
     DistillConfig,
+    EngineConfig,
     ExportConfig,
     ReportConfig,
     SectionError,
@@ -46,6 +47,7 @@ class Params:
     student_slim: SlimConfig
     student_final: TrainConfig
     export: ExportConfig
+    engine: EngineConfig
     benchmark: BenchmarkConfig
     report: ReportConfig
     runtimes: dict[str, Any]  # settings key -> settings of the targets that share it
@@ -134,7 +136,20 @@ def _targets_support_their_precisions(p: Params) -> list[tuple[str, str]]:
     return problems
 
 
-CROSS_SECTION_RULES = (_epoch_budget, _targets_support_their_precisions)
+def _benchmarked_batches_fit_the_engine_profile(p: Params) -> list[tuple[str, str]]:
+    """Engines built with runtimes.tensorrt accept only batches within its profile."""
+    build = p.runtimes.get("tensorrt")
+    if "tensorrt" not in p.benchmark.targets or build is None:
+        return []
+    outside = [b for b in p.benchmark.batch_sizes if not build.min_batch <= b <= build.max_batch]
+    if not outside:
+        return []
+    return [("benchmark.batch_sizes", f"{outside} outside the TensorRT engines' profile "
+             f"{build.min_batch}..{build.max_batch} (runtimes.tensorrt min_batch/max_batch)")]
+
+
+CROSS_SECTION_RULES = (_epoch_budget, _targets_support_their_precisions,
+                       _benchmarked_batches_fit_the_engine_profile)
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:

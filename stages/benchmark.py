@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from pipeline import provenance
-from pipeline.artifacts import artifact_path
 from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import BenchmarkConfig, load_section
 from pipeline.data import Dataset, balanced_subset, load_prepared
@@ -56,7 +55,7 @@ class BenchPaths:
     def artifact(self, target: Target, model: str, precision: str) -> Path:
         if target.source == "checkpoint":  # PyTorch targets run model files
             return self.models_dir / f"{model}.pt"
-        return artifact_path(self.artifacts_dir, model, precision)
+        return target.onnx_source(self.artifacts_dir, model, precision)
 
 
 @dataclass(frozen=True)

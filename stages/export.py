@@ -1,8 +1,10 @@
 """export stage: one trained model -> verified ONNX files (FP32, FP16, INT8) with cards.
 
 For model <m> (DVC runs it once per model) it exports the model, simplifies the graph and
-writes artifacts/<m>.fp32.onnx (the simplified export), <m>.fp16.onnx and <m>.int8.onnx
-(names: pipeline.artifacts), a <file>.card.json beside each, and metrics/export_<m>.json: per
+writes artifacts/<m>.fp32.onnx (the simplified export), <m>.fp16.onnx, <m>.int8.onnx (ONNX
+Runtime's fast CPU form) and <m>.int8.trt.onnx (the symmetric INT8 form TensorRT's parser
+takes; names: pipeline.artifacts), a <file>.card.json beside each, and
+metrics/export_<m>.json: per
 file - the unsimplified export included, which is kept only while the stage runs - its parity
 with PyTorch at batch 1 and at the parity batch, batch-1 vs large-batch consistency, node
 counts, size and ONNX Runtime top-1 on the test set. Parity runs in ONNX Runtime with the
@@ -21,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.artifacts import artifact_path, card_path
+from pipeline.artifacts import TENSORRT_FLAVOR, artifact_path, card_path
 from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import ExportConfig, ParityTolerance, RunConfig, as_dict
 from pipeline.data import Dataset, balanced_subset, load_prepared, normalize
@@ -34,7 +36,12 @@ from pipeline.export.cards import (
     write_card,
 )
 from pipeline.export.onnx_export import export_onnx, node_counts, save_onnx
-from pipeline.export.quantize import check_int8_drop, convert_fp16, quantize_int8
+from pipeline.export.quantize import (
+    TENSORRT_INT8_OPTIONS,
+    check_int8_drop,
+    convert_fp16,
+    quantize_int8_with_tensorrt,
+)
 from pipeline.export.simplify import SimplifyReport, simplify
 from pipeline.io import file_sha256, set_threads, write_json
 from pipeline.parity import (
@@ -53,8 +60,15 @@ log = logging.getLogger("stages.export")
 
 # variant -> precision; the keys are also the keys of metrics["files"]. "exported" is the
 # exporter's own graph, checked and then dropped; the others are shipped under their precision.
-VARIANTS = {"exported": "fp32", "fp32": "fp32", "fp16": "fp16", "int8": "int8"}
-SHIPPED = ("fp32", "fp16", "int8")
+# The TensorRT INT8 file is made here, not by the engine stages: it shares the INT8 calibration
+# pass (the expensive part) with the CPU file, it is checked by the same parity gates, and every
+# engine stage - one per TensorRT target and precision, most of them skipped on a machine
+# without TensorRT - then depends only on shipped files, not on the data, the model and the
+# quantisation code.
+VARIANTS = {"exported": "fp32", "fp32": "fp32", "fp16": "fp16", "int8": "int8",
+            "int8_trt": "int8"}
+SHIPPED = ("fp32", "fp16", "int8", "int8_trt")
+FLAVORS = {"int8_trt": TENSORRT_FLAVOR}  # variant -> flavor in its file name
 
 
 @dataclass(frozen=True)
@@ -100,8 +114,9 @@ def build_variants(loaded: LoadedModel, cfg: ExportConfig, images: Images,
     simplified, report = simplify(exported, cfg.simplifier)
     log.info("converting to FP16; quantising to INT8 (%s calibration, %d images)",
              cfg.quantize.calibration_method, cfg.quantize.calibration_images)
+    int8, int8_trt = quantize_int8_with_tensorrt(simplified, images.calibration, cfg.quantize)
     variants = {"exported": exported, "fp32": simplified, "fp16": convert_fp16(simplified),
-                "int8": quantize_int8(simplified, images.calibration, cfg.quantize)}
+                "int8": int8, "int8_trt": int8_trt}
     return variants, report
 
 
@@ -109,18 +124,25 @@ def export_details(variant: str, cfg: ExportConfig, name: str) -> dict[str, Any]
     """What made this file, for its card."""
     details: dict[str, Any] = {"exporter": f"torch.onnx dynamo (torch {torch.__version__})",
                                "simplifier": cfg.simplifier}
-    if variant in ("fp16", "int8"):
+    if variant != "fp32":
         details["derived_from"] = artifact_path(".", name, "fp32").name
     if variant == "fp16":
         details["conversion"] = "onnxruntime.transformers.float16, keep_io_types=True"
     if variant == "int8":
         details["quantization"] = {"format": "QDQ", "weights": "int8 per-channel",
                                    **as_dict(cfg.quantize)}
+    if variant == "int8_trt":
+        details["quantization"] = {
+            "format": "QDQ", "for": "TensorRT (strongly typed explicit quantization)",
+            "weights": "int8 per-channel, symmetric", "activations": "int8, symmetric",
+            "reduce_range": False, "extra_options": dict(TENSORRT_INT8_OPTIONS),
+            "calibration_method": cfg.quantize.calibration_method,
+            "calibration_images": cfg.quantize.calibration_images}
     return details
 
 
 def tolerance_for(variant: str, cfg: ExportConfig) -> ParityTolerance:
-    return {"fp16": cfg.fp16, "int8": cfg.int8}.get(variant, FP32_TOLERANCE)
+    return {"fp16": cfg.fp16, "int8": cfg.int8}.get(VARIANTS[variant], FP32_TOLERANCE)
 
 
 def evaluate(path: Path, target: OnnxRuntimeCpuTarget, images: Images, batches: tuple[int, ...],
@@ -164,7 +186,8 @@ def save_variants(variants: dict[str, onnx.ModelProto], cards: dict[str, dict[st
     paths = {"exported": save_onnx(variants["exported"], work_dir / f"{name}.exported.onnx")}
     for variant in SHIPPED:
         embed_card(variants[variant], cards[variant])
-        paths[variant] = artifact_path(out_dir, name, variant)
+        paths[variant] = artifact_path(out_dir, name, VARIANTS[variant],
+                                       flavor=FLAVORS.get(variant))
         card_path(paths[variant]).unlink(missing_ok=True)  # a stale card must not vouch for it
         save_onnx(variants[variant], paths[variant])
     return paths
@@ -213,6 +236,8 @@ def run(cfg: ExportConfig, runtime: OnnxRuntimeCpuSettings, model_path: Path,
     files["exported"]["path"] = None  # checked, not shipped
     drop = check_int8_drop(files["fp32"]["top1"], files["int8"]["top1"],
                            cfg.quantize.max_top1_drop)
+    drop_trt = check_int8_drop(files["fp32"]["top1"], files["int8_trt"]["top1"],
+                               cfg.quantize.max_top1_drop)
     torch_top1 = top1_accuracy(batched_logits(torch_predictor(loaded.model), images.test,
                                               cfg.eval_batch), images.labels)
     for variant in SHIPPED:  # every gate passed: now the files may be vouched for
@@ -222,6 +247,7 @@ def run(cfg: ExportConfig, runtime: OnnxRuntimeCpuSettings, model_path: Path,
             "test_images": len(images.labels), "parity_images": len(images.parity),
             "parity_batches": [1, cfg.parity_batch], "checkpoint_top1": loaded.meta["top1"],
             "torch_top1": torch_top1, "int8_top1_drop_points": drop,
+            "int8_trt_top1_drop_points": drop_trt,
             "simplify": simplify_report.as_dict(), "files": files,
             "quantize": as_dict(cfg.quantize), "runtime": as_dict(runtime)}
 

@@ -10,6 +10,7 @@
 Heavy runtimes are imported inside methods, so `import targets` works on any machine.
 """
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from pipeline.artifacts import artifact_path
 from pipeline.errors import FeedError, PipelineError, TargetUnavailable
 from pipeline.timing import LatencyStats, TimingPlan, measure_latency
 
@@ -54,6 +56,20 @@ def check_feeds(specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray]) -> 
         if array.ndim != len(spec.shape) or any(got != want for got, want in fixed):
             raise FeedError(f"input {name!r} has shape {array.shape}, expected {spec.shape} "
                             "(str/None = any size)")
+
+
+def onnx_inputs(path: str | os.PathLike) -> tuple[TensorSpec, ...]:
+    """The graph inputs of an ONNX file (initializers excluded), read without its weights."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return tuple(
+        TensorSpec(i.name, np.dtype(tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)),
+                   tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                         for d in i.type.tensor_type.shape.dim))
+        for i in graph.input if i.name not in weights)
 
 
 class Runner(ABC):
@@ -113,6 +129,8 @@ class Target(ABC):
     source: ClassVar[Literal["onnx", "checkpoint"]] = "onnx"
     settings_key: ClassVar[str]  # its section under `runtimes` (targets may share one)
     Settings: ClassVar[type]  # pydantic dataclass of that section
+    # precision -> flavor of the ONNX file it reads (pipeline.artifacts), where not the default
+    onnx_flavors: ClassVar[dict[str, str]] = {}
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
@@ -138,3 +156,23 @@ class Target(ABC):
         ok, reason = self.available()
         if not ok:
             raise TargetUnavailable(f"target {self.name!r} is not available: {reason}")
+
+    @classmethod
+    def onnx_source(cls, folder: Path, model: str, precision: str) -> Path:
+        """The exported ONNX file this target builds `model` at `precision` from."""
+        return artifact_path(folder, model, precision, flavor=cls.onnx_flavors.get(precision))
+
+
+class EngineBuilder(ABC):
+    """Mixin of targets whose artifact is a serialized engine, bound to the TensorRT version and
+    GPU that built it (targets/engines.py): built where it runs, with an engine card beside it
+    (pipeline.export.cards). The engine stage builds through `build_engine`."""
+
+    # True: `load` runs the engine on this machine, so the engine stage checks its parity here.
+    engines_run_here: ClassVar[bool]
+
+    @abstractmethod
+    def build_engine(self, onnx_path: Path, out_dir: Path, build: Any) -> Path:
+        """Build `onnx_path` into out_dir/<model>.<precision>.<target>.engine (build: the
+        targets.engines.TensorRtSettings), reusing and updating the timing cache in out_dir,
+        and write the engine card; returns the engine's path."""

@@ -4,6 +4,8 @@
     prune-deploy bench m.onnx --target onnxruntime-cpu --batch 1 64
     prune-deploy bench models/m.pt --target torch-cpu --threads 2 --json out.json
     prune-deploy bench m.onnx --target ssh-onnxruntime --host pi@10.0.0.2 --known-hosts kh
+    prune-deploy build m.fp16.onnx --target tensorrt --out-dir engines/   # engine + its card
+    prune-deploy build m.fp16.onnx --target ssh-tensorrt --host pi@jetson --known-hosts kh
 
 `bench` feeds random inputs of the model's own input shape (latency does not depend on the
 values); for accuracy, use the DVC benchmark stage, which runs the test set. Targets are built
@@ -23,13 +25,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import provenance
-from pipeline.artifacts import precision_of
+from pipeline.artifacts import card_path, precision_of
 from pipeline.config import TimingPlan
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import write_json
-from targets.base import Target, TensorSpec
+from targets.base import EngineBuilder, Target, TensorSpec
 from targets.measure import measure
-from targets.registry import make_target, target_class, target_names
+from targets.registry import make_target, target_class, target_names, target_settings
 
 log = logging.getLogger("prune-deploy")
 
@@ -45,6 +47,9 @@ SETTINGS_FROM_ARGS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = 
                       "providers": a.providers, "trtexec": a.trtexec, "threads": a.threads,
                       "connect_timeout_s": a.connect_timeout,
                       "command_timeout_s": a.command_timeout},
+    "tensorrt": lambda a: {"device": a.device, "min_batch": a.min_batch,
+                           "opt_batch": a.opt_batch or a.max_batch, "max_batch": a.max_batch,
+                           "workspace_mib": a.workspace_mib, "tf32": a.tf32},
 }
 
 
@@ -102,6 +107,22 @@ def bench(args: argparse.Namespace) -> int:
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 
+def build(args: argparse.Namespace) -> int:
+    """Build one engine (and its card) with a TensorRT target, here or on the device."""
+    target = target_from_args(args.target, args)
+    if not isinstance(target, EngineBuilder):
+        raise ConfigError(f"target {args.target!r} builds no engines; use tensorrt or "
+                          "ssh-tensorrt")
+    ok, reason = target.available()
+    if not ok:
+        print(f"{target.name}: skipped: {reason}")
+        return 1
+    settings = target_settings("tensorrt", SETTINGS_FROM_ARGS["tensorrt"](args))
+    engine = target.build_engine(args.model, args.out_dir, settings)
+    print(f"{engine}\n{card_path(engine)}")
+    return 0
+
+
 def target_options() -> argparse.ArgumentParser:
     """Settings shared by both commands (they decide availability, e.g. of the SSH targets)."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -121,6 +142,13 @@ def target_options() -> argparse.ArgumentParser:
     group.add_argument("--trtexec", default="trtexec", help="trtexec command on the device")
     group.add_argument("--connect-timeout", type=float, default=10.0, help="seconds")
     group.add_argument("--command-timeout", type=float, default=600.0, help="seconds")
+    group.add_argument("--device", type=int, default=0, help="CUDA device (tensorrt)")
+    group.add_argument("--min-batch", type=int, default=1, help="engine profile: smallest batch")
+    group.add_argument("--opt-batch", type=int, default=0,
+                       help="batch TensorRT tunes for (default: --max-batch)")
+    group.add_argument("--max-batch", type=int, default=64, help="engine profile: largest batch")
+    group.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace, MiB")
+    group.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 engine layers")
     group.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     return parent
 
@@ -139,6 +167,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--min-iters", type=int, default=50)
     run.add_argument("--min-seconds", type=float, default=2.0)
     run.add_argument("--json", type=Path, help="also write the rows (with provenance) here")
+    make = commands.add_parser("build", parents=[target_options()],
+                               help="build a TensorRT engine and its card (tensorrt, ssh-tensorrt)")
+    make.add_argument("model", type=Path, help=".onnx file (INT8: the .int8.trt.onnx file)")
+    make.add_argument("--target", required=True, choices=["tensorrt", "ssh-tensorrt"])
+    make.add_argument("--out-dir", type=Path, default=Path("."), help="folder for the engine")
     return root
 
 
@@ -146,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     try:
-        return list_targets(args) if args.command == "targets" else bench(args)
+        return {"targets": list_targets, "bench": bench, "build": build}[args.command](args)
     except ConfigError as err:
         print(f"prune-deploy: {err}", file=sys.stderr)
         return 2

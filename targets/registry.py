@@ -21,6 +21,7 @@ _CLASSES: dict[str, str] = {
     "torch-cuda-graphs": "targets.torch_cuda:TorchCudaGraphsTarget",
     "ssh-onnxruntime": "targets.ssh:SshOnnxRuntimeTarget",
     "ssh-tensorrt": "targets.ssh:SshTensorRtTarget",
+    "tensorrt": "targets.tensorrt:TensorRtTarget",
 }
 
 

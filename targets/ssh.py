@@ -5,6 +5,11 @@ Two targets share one device configuration (`SshSettings`, params `runtimes.ssh`
 - `ssh-onnxruntime`: ONNX Runtime on the device (any execution provider it has, checked - a
   session that fell back to another provider is an error, not a result).
 - `ssh-tensorrt`: TensorRT's `trtexec` on the device; latency only, with h2d/compute/d2h phases.
+  Its build mode (`build_engine`, used by the engine stage) builds an engine on the device with
+  `trtexec --saveEngine --timingCacheFile` (profile and workspace from `runtimes.tensorrt`),
+  fetches the engine and the timing cache back, checks the engine's sha256 on both ends, and
+  writes an engine card from what the device's trtexec printed (TensorRT version, GPU, compute
+  capability, build time) - a Jetson user gets the engine that runs there from a laptop.
 
 Security: the system OpenSSH clients run with BatchMode (no prompts) and
 StrictHostKeyChecking=yes against the configured known_hosts file only, so an unknown or changed
@@ -12,6 +17,7 @@ host key is a failure, never accepted. Commands are argument lists; the one stri
 shell parses is built from `shlex.quote`d words.
 """
 
+import hashlib
 import json
 import logging
 import re
@@ -19,19 +25,46 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 import numpy as np
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from pipeline.artifacts import precision_of
+from pipeline.artifacts import (
+    TENSORRT_FLAVOR,
+    TIMING_CACHE,
+    card_path,
+    precision_of,
+    timing_cache_path,
+)
 from pipeline.config import STRICT, NonNegativeInt, PositiveFloat, as_dict
-from pipeline.errors import BuildError, PipelineError, TargetUnavailable
+from pipeline.errors import ArtifactIntegrityError, BuildError, PipelineError, TargetUnavailable
+from pipeline.export.cards import write_engine_card
+from pipeline.io import atomic_write_bytes
 from pipeline.timing import LatencyStats, TimingPlan, summarize
 from targets import remote_runner, trtexec
-from targets.base import Runner, Target, TensorSpec, UnsupportedOperation, check_feeds
+from targets.base import (
+    EngineBuilder,
+    Runner,
+    Target,
+    TensorSpec,
+    UnsupportedOperation,
+    check_feeds,
+    onnx_inputs,
+)
+from targets.engines import (
+    MIB,
+    EngineSource,
+    ShapeProfile,
+    TensorRtSettings,
+    batch_profile,
+    engine_card,
+    engine_source,
+    plan_header_version,
+)
 
 log = logging.getLogger(__name__)
 RUNNER_FILE = Path(remote_runner.__file__)
@@ -124,20 +157,6 @@ class SshClient:
 def _tagged_result(stdout: str) -> dict[str, Any] | None:
     lines = [ln for ln in stdout.splitlines() if ln.startswith(remote_runner.RESULT_TAG)]
     return json.loads(lines[-1][len(remote_runner.RESULT_TAG):]) if lines else None
-
-
-def onnx_inputs(path: Path) -> tuple[TensorSpec, ...]:
-    """The graph inputs of an ONNX file (initializers excluded), read without its weights."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    return tuple(
-        TensorSpec(i.name, np.dtype(tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)),
-                   tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                         for d in i.type.tensor_type.shape.dim))
-        for i in graph.input if i.name not in weights)
 
 
 def model_files(onnx_path: Path) -> list[Path]:
@@ -256,18 +275,29 @@ class SshOnnxRuntimeRunner(_SshRunner):
         return np.asarray(result["labels"], dtype=np.int64)
 
 
+def find_trtexec(client: SshClient) -> tuple[str, tuple[int, int, int]]:
+    """The device's trtexec (its path) and its TensorRT version, which decides its flags."""
+    settings = client.settings
+    found = client.run(["sh", "-c", 'command -v "$1" || echo MISSING', "sh", settings.trtexec],
+                       "looking for trtexec").strip()
+    if found.endswith("MISSING"):
+        raise TargetUnavailable(f"{settings.where}: {settings.trtexec!r} not found on the "
+                                "device (TensorRT's trtexec)")
+    probe = client.run(trtexec.version_probe(settings.trtexec), "asking trtexec its version")
+    return found, trtexec.probed_version(probe, settings.trtexec)
+
+
 class SshTrtexecRunner(_SshRunner):
     """TensorRT's trtexec on the device: builds an engine and times it (no outputs returned)."""
 
     def __init__(self, settings: SshSettings, artifact: Path, precision: str) -> None:
         super().__init__(settings, artifact, ())
         self.precision = precision
-        found = self.client.run(["sh", "-c", 'command -v "$1" || echo MISSING', "sh",
-                                 settings.trtexec], "looking for trtexec").strip()
-        if found.endswith("MISSING"):
+        try:
+            found, self.version = find_trtexec(self.client)
+        except PipelineError:
             self.close()
-            raise TargetUnavailable(f"{settings.where}: {settings.trtexec!r} not found on the "
-                                    "device (TensorRT's trtexec)")
+            raise
         self.device_info["trtexec"] = found
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -283,13 +313,87 @@ class SshTrtexecRunner(_SshRunner):
         times = self.folder.file(f"times_b{batch}.json")
         argv = trtexec.benchmark_command(
             self.settings.trtexec, self.folder.file(self._model), spec.name,
-            array.shape if dynamic else None, self.precision, plan, times)
+            array.shape if dynamic else None, self.precision, plan, times, self.version)
         log_text = self.client.run(argv, f"trtexec (batch {batch})")
         self.device_info.update(trtexec.parse_log(log_text))
         with tempfile.TemporaryDirectory() as tmp:
             self.client.get(times, Path(tmp) / "times.json")
             text = (Path(tmp) / "times.json").read_text()
         return trtexec.times_stats(text, batch, warmup_ms=1e3 * plan.warmup_seconds)
+
+
+class DeviceBuild(NamedTuple):
+    """What one `trtexec --saveEngine` on the device gave back."""
+
+    engine: bytes
+    timing_cache: bytes
+    log: dict[str, Any]  # trtexec.parse_log of its console output
+    version: tuple[int, int, int]  # the device trtexec's TensorRT version
+    platform: str  # the device's `uname -s -m`, as targets.engines.host_platform writes it
+    wall_seconds: float  # the trtexec command over ssh
+
+
+def _device_sha256(client: SshClient, path: str) -> str:
+    digest = client.run(["sha256sum", "--", path], "hashing the engine on the device").split()
+    if not digest or not re.fullmatch(r"[0-9a-f]{64}", digest[0]):
+        raise SshError(f"{client.settings.where}: sha256sum printed {digest[:1]}, not a hash")
+    return digest[0]
+
+
+def _fetch(client: SshClient, remote: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "fetched"
+        client.get(remote, local)
+        return local.read_bytes()
+
+
+def build_on_device(client: SshClient, source: EngineSource, profile: ShapeProfile,
+                    build: TensorRtSettings, cache: Path) -> DeviceBuild:
+    """Build `source` with the device's trtexec in a temp folder there (the local timing cache
+    sent along and fetched back); the engine is checked against its sha256 on the device."""
+    folder = RemoteFolder(client, [*model_files(source.path), *([cache] if cache.is_file()
+                                                                 else [])])
+    try:
+        _, version = find_trtexec(client)
+        engine = folder.file("model.engine")
+        argv = trtexec.build_command(client.settings.trtexec, folder.file(source.path.name),
+                                     engine, folder.file(TIMING_CACHE), profile,
+                                     source.precision, build.workspace_mib, version, build.tf32)
+        started = time.monotonic()
+        log_text = client.run(argv, f"building {source.path.name} with trtexec")
+        wall = time.monotonic() - started
+        remote_sha = _device_sha256(client, engine)
+        data = _fetch(client, engine)
+        platform = "-".join(client.run(["uname", "-s", "-m"], "asking the platform").split())
+        result = DeviceBuild(data, _fetch(client, folder.file(TIMING_CACHE)),
+                             trtexec.parse_log(log_text), version, platform, wall)
+    finally:
+        folder.close()
+    if hashlib.sha256(result.engine).hexdigest() != remote_sha:
+        raise ArtifactIntegrityError(f"the engine fetched from {client.settings.where} does not "
+                                     f"hash to its sha256 there ({remote_sha}): the copy broke")
+    return result
+
+
+def device_build_facts(result: DeviceBuild, profile: ShapeProfile, build: TensorRtSettings,
+                       where: str, cache_state: str) -> dict[str, Any]:
+    """Engine card facts of a device build, from what the device's trtexec printed."""
+    missing = [key for key in ("tensorrt", "gpu", "compute_capability") if not result.log[key]]
+    if missing:
+        raise BuildError(f"trtexec on {where} built an engine but its log names no {missing} "
+                         "('TensorRT version:', 'Selected Device:', 'Compute Capability:' "
+                         "lines); an engine card needs them")
+    logged = result.log["build_seconds"]
+    return {"tensorrt": result.log["tensorrt"], "plan_version": plan_header_version(result.engine),
+            "gpu": result.log["gpu"], "compute_capability": result.log["compute_capability"],
+            "platform": result.platform, "profile": profile.as_dict(),
+            "workspace_bytes": build.workspace_mib * MIB, "tf32": build.tf32,
+            "strongly_typed": result.version[0] >= 10,
+            "build_seconds": logged if logged is not None else round(result.wall_seconds, 3),
+            "build_seconds_from": "trtexec log ('Engine built in')" if logged is not None
+            else "wall time of the trtexec command over ssh",
+            "built_with": f"trtexec (TensorRT {'.'.join(map(str, result.version))}) on {where}",
+            "timing_cache": {"file": TIMING_CACHE, "state": cache_state}}
 
 
 class SshTarget(Target):
@@ -333,11 +437,30 @@ class SshOnnxRuntimeTarget(SshTarget):
         return SshOnnxRuntimeRunner(self.settings, Path(artifact))
 
 
-class SshTensorRtTarget(SshTarget):
-    """TensorRT (trtexec) on an edge device over SSH; latency only."""
+class SshTensorRtTarget(SshTarget, EngineBuilder):
+    """TensorRT (trtexec) on an edge device over SSH: latency only; and engines built there."""
 
     name: ClassVar[str] = "ssh-tensorrt"
+    onnx_flavors: ClassVar[dict[str, str]] = {"int8": TENSORRT_FLAVOR}
+    engines_run_here: ClassVar[bool] = False  # they run on the device
 
     def load(self, artifact: Path) -> SshTrtexecRunner:
         self.require_available()
         return SshTrtexecRunner(self.settings, Path(artifact), precision_of(Path(artifact)))
+
+    def build_engine(self, onnx_path: Path, out_dir: Path, build: TensorRtSettings) -> Path:
+        """Build on the device; write out_dir/<model>.<precision>.ssh-tensorrt.engine, its card
+        and the updated timing cache."""
+        self.require_available()
+        source = engine_source(onnx_path)
+        profile = batch_profile(source.input, build)
+        cache = timing_cache_path(out_dir)
+        cache_state = "reused" if cache.is_file() else "new"
+        result = build_on_device(SshClient(self.settings), source, profile, build, cache)
+        facts = device_build_facts(result, profile, build, self.settings.where, cache_state)
+        engine = source.engine_path(Path(out_dir), self.name)
+        card_path(engine).unlink(missing_ok=True)  # a stale card must not vouch for a new engine
+        atomic_write_bytes(engine, result.engine)
+        atomic_write_bytes(cache, result.timing_cache)
+        write_engine_card(engine, engine_card(source, self.name, facts))
+        return engine

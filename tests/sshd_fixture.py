@@ -1,5 +1,6 @@
 """Fixtures shared by the benchmark tests: a tiny model file, its ONNX export, and a throw-away
-OpenSSH server on 127.0.0.1 (own host key, own user key, own known_hosts) to act as an edge device.
+OpenSSH server on 127.0.0.1 (own host key, own user key, own known_hosts) to act as an edge device,
+with a trtexec stand-in (test scaffolding) to put on it.
 
 The server runs in the foreground (`sshd -D`) from a config in a temp folder and is stopped by
 its process id. Tests that need it skip, with the reason, when sshd is absent or cannot start.
@@ -154,6 +155,20 @@ def unconfigured_ssh(**overrides):
                   providers=("CPUExecutionProvider",), trtexec="trtexec", threads=1,
                   connect_timeout_s=3.0, command_timeout_s=30.0)
     return SshSettings(**(values | overrides))
+
+
+TRTEXEC_STANDIN = Path(__file__).with_name("trtexec_standin.sh")  # test scaffolding, not TensorRT
+
+
+def install_trtexec_standin(folder: Path, version_code: str = "100300") -> Path:
+    """The trtexec stand-in (tests/trtexec_standin.sh) in the loopback device's folder, claiming
+    TensorRT `version_code` (100300 = 10.3.0); it logs its arguments to trtexec_args.txt."""
+    standin = folder / TRTEXEC_STANDIN.name
+    shutil.copy(TRTEXEC_STANDIN, standin)
+    standin.chmod(0o755)
+    (folder / "trtexec_standin.version").write_text(version_code + "\n")
+    (folder / "trtexec_args.txt").unlink(missing_ok=True)
+    return standin
 
 
 def serve_sshd(tmp_path_factory):

@@ -1,5 +1,6 @@
 """`prune-deploy targets` and `prune-deploy bench` (targets/cli.py), in process."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -82,3 +83,41 @@ def test_bench_broken_file_is_a_failed_row(tmp_path, capsys):
     broken.write_bytes(b"not onnx")
     assert main(["bench", str(broken), "--target", "onnxruntime-cpu", "--batch", "1", *FAST]) == 1
     assert "batch    1: failed: BuildError" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed here")
+def test_build_without_tensorrt_says_why(files, tmp_path, capsys):
+    assert main(["build", str(files[1]), "--target", "tensorrt", "--out-dir", str(tmp_path)]) == 1
+    assert "tensorrt: skipped: the TensorRT Python bindings are not importable" in \
+        capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+def test_build_with_a_bad_profile_is_a_usage_error(files, tmp_path, capsys):
+    assert main(["build", str(files[1]), "--target", "ssh-tensorrt", "--host", "a@b",
+                 "--known-hosts", str(files[1]), "--min-batch", "8", "--max-batch", "4"]) == 2
+    assert "min_batch <= opt_batch <= max_batch" in capsys.readouterr().err
+
+
+@pytest.mark.edge
+def test_build_on_the_device_over_ssh(tmp_path_factory, tmp_path, capsys):
+    from sshd_fixture import install_trtexec_standin, serve_sshd
+
+    servers = serve_sshd(tmp_path_factory)
+    server = next(servers)
+    try:
+        standin = install_trtexec_standin(server.folder, "110100")
+        onnx_file = tiny_onnx(tiny_checkpoint(tmp_path / "m.pt"), tmp_path / "m.fp32.onnx")
+        assert main(["build", str(onnx_file), "--target", "ssh-tensorrt", "--host", server.host,
+                     "--port", str(server.port), "--key", str(server.key_file),
+                     "--known-hosts", str(server.known_hosts), "--trtexec", str(standin),
+                     "--remote-tmp", str(server.folder), "--max-batch", "16",
+                     "--out-dir", str(tmp_path / "engines")]) == 0
+    finally:
+        next(servers, None)
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "engines" / "m.fp32.ssh-tensorrt.engine"),
+                       str(tmp_path / "engines" / "m.fp32.ssh-tensorrt.card.json")]
+    card = json.loads(Path(printed[1]).read_text())
+    assert card["tensorrt"] == "11.1.0" and card["profile"]["max"] == [16, 3, 32, 32]

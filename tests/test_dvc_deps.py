@@ -20,7 +20,8 @@ from pipeline.codebase import code_closure, code_hash
 from stages._cli import resolved_files
 from stages._params import load_params
 from stages.validate_params import resolved_documents, target_code_hashes
-from targets.registry import target_module, target_names
+from targets.base import EngineBuilder
+from targets.registry import target_class, target_module, target_names
 
 STAGE_MODULE = re.compile(r"python -m (stages\.\w+)")
 EVERY_TARGET_MODULE = tuple(sorted({target_module(name) for name in target_names()}))
@@ -42,9 +43,10 @@ def by_name_imports(stage: str) -> tuple[str, ...]:
     """Modules a stage imports by name at run time (static analysis cannot see them).
 
     validate_params validates every registered target's settings, so it imports every target
-    module. The benchmark stage imports its target's module; DVC cannot give each foreach item
-    its own code list, so benchmark@<t> depends on resolved/targets/<t>.code instead (checked
-    below), which validate_params writes from the same closure.
+    module. The benchmark and engine stages import their target's module; DVC cannot give each
+    foreach item its own code list, so benchmark@<t> and engine@<t>-<p> depend on
+    resolved/targets/<t>.code instead (checked below), which validate_params writes from the
+    same closure.
     """
     return EVERY_TARGET_MODULE if stage == "validate_params" else ()
 
@@ -73,8 +75,9 @@ def test_resolved_deps_are_exactly_the_settings_the_stage_reads(stage):
     schema = getattr(module, "Settings", None)
     expected = {f"resolved/{stem}.json" for stem in resolved_files(schema).values()} \
         if schema is not None else set()
-    if "--target ${key}" in body["cmd"]:  # the target's settings and code, by name
-        expected |= {"resolved/targets/${key}.json", "resolved/targets/${key}.code"}
+    for name in ("${key}", "${item.target}"):  # the target's settings and code, by name
+        if f"--target {name}" in body["cmd"]:
+            expected |= {f"resolved/targets/{name}.json", f"resolved/targets/{name}.code"}
     assert listed(body.get("deps", []), "resolved") == expected, stage
 
 
@@ -122,3 +125,18 @@ def test_no_training_stage_depends_on_target_code():
                   "student_final", "compression"):
         deps = dvc_stages()[stage].get("deps", [])
         assert not [dep for dep in deps if dep.startswith("targets/")], stage
+
+
+def test_engine_items_build_from_the_file_their_target_reads():
+    items = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]["engine"]["foreach"]
+    assert {item["target"] for item in items.values()} == {
+        name for name in target_names() if issubclass(target_class(name), EngineBuilder)}
+    for key, item in items.items():
+        assert key == f"{item['target']}-{item['precision']}"
+        expected = target_class(item["target"]).onnx_source(Path("artifacts"), "m",
+                                                            item["precision"])
+        assert expected == Path(f"artifacts/m.{item['onnx']}.onnx"), key
+    deps = dvc_stages()["engine"]["deps"]
+    models = load_params(ROOT / "params.yaml").engine.models
+    assert {dep for dep in deps if dep.startswith("artifacts/")} == {
+        f"artifacts/{m}.${{item.onnx}}.{ext}" for m in models for ext in ("onnx", "card.json")}

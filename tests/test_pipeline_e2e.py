@@ -85,7 +85,7 @@ MODELS = ("teacher", "student_dense", "student_final")
 
 def test_smoke_repro_exports_every_model_behind_parity_gates(smoke_repo):
     for model in MODELS:
-        for precision in ("fp32", "fp16", "int8"):
+        for precision in ("fp32", "fp16", "int8", "int8.trt"):
             assert (smoke_repo / "artifacts" / f"{model}.{precision}.onnx").is_file()
             assert (smoke_repo / "artifacts" / f"{model}.{precision}.card.json").is_file()
         assert (smoke_repo / "metrics" / f"export_{model}.json").is_file()
@@ -104,6 +104,31 @@ def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
     assert "| student_final | onnxruntime-cpu | int8 |" in report
     for png in ("latency.png", "accuracy_vs_latency.png"):
         assert (smoke_repo / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+ENGINE_STAGES = [f"{target}-{precision}" for target in ("tensorrt", "ssh-tensorrt")
+                 for precision in ("fp32", "fp16", "int8")]
+
+
+@pytest.mark.parametrize("item", ENGINE_STAGES)
+def test_smoke_repro_runs_every_engine_stage_and_goes_on(smoke_repo, item):
+    """Without TensorRT, a GPU or a configured device (CI, this machine) each engine stage
+    records `skipped` rows with the reason and leaves an empty engine folder, and the pipeline
+    completes (the report exists); where TensorRT and a GPU exist, the local rows are ok."""
+    result = read_metrics(smoke_repo, f"engine_{item}")
+    target, precision = result["target"], result["precision"]
+    assert f"{target}-{precision}" == item and set(result["models"]) == set(MODELS)
+    folder = smoke_repo / "artifacts" / "engines" / target / precision
+    assert folder.is_dir()
+    statuses = {row["status"] for row in result["models"].values()}
+    if result["available"]:
+        assert statuses == {"ok"}
+        assert len(list(folder.glob("*.engine"))) == len(list(folder.glob("*.card.json"))) == 3
+    else:
+        assert statuses == {"skipped"} and result["reason"]
+        assert all(result["reason"] in row["reason"] for row in result["models"].values())
+        assert not list(folder.glob("*.engine"))
+    assert (smoke_repo / "reports" / "report.md").is_file()
 
 
 def torch_cuda_available() -> bool:
@@ -128,7 +153,10 @@ def stages_run(result: subprocess.CompletedProcess) -> set[str]:
     ("pipeline/report.py", {"report"}),
     # validate_params imports every target to validate its settings (it re-runs in seconds) and
     # writes each target's code hash, which only the benchmark of that target depends on.
-    ("targets/ssh.py", {"validate_params", "benchmark@ssh-onnxruntime", "report"}),
+    # The engine stages of ssh-tensorrt depend on its code hash the same way.
+    ("targets/ssh.py", {"validate_params", "benchmark@ssh-onnxruntime", "report",
+                        "engine@ssh-tensorrt-fp32", "engine@ssh-tensorrt-fp16",
+                        "engine@ssh-tensorrt-int8"}),
     ("targets/torch_eager.py", {"validate_params", "benchmark@torch-cpu", "benchmark@torch-cuda",
                                 "benchmark@torch-cuda-graphs", "report"}),
 ])

@@ -13,7 +13,15 @@ from pipeline.config import QuantizeConfig
 from pipeline.data import make_synthetic, normalize
 from pipeline.errors import ExportError, ParityError
 from pipeline.export.onnx_export import export_onnx, tensor_dims
-from pipeline.export.quantize import ImageBatches, check_int8_drop, convert_fp16, quantize_int8
+from pipeline.export.qdq import QDQ_OPS, audit, precision_problems
+from pipeline.export.quantize import (
+    ImageBatches,
+    check_int8_drop,
+    check_tensorrt_int8,
+    convert_fp16,
+    quantize_int8,
+    quantize_int8_with_tensorrt,
+)
 from pipeline.export.simplify import simplify
 from pipeline.parity import compare_logits
 
@@ -134,3 +142,44 @@ def test_int8_accuracy_drop_limit():
     with pytest.raises(ParityError, match=r"INT8 top-1 88\.00% is 2\.00 points below FP32 "
                                           r"90\.00%; allowed drop is 1\.00 points"):
         check_int8_drop(0.90, 0.88, 1.0)
+
+
+# --- the INT8 file for TensorRT (pipeline.export.qdq says what its ONNX parser takes) ---
+
+def test_tensorrt_int8_is_symmetric_signed_with_float_biases(fp32, data):
+    cpu, trt = quantize_int8_with_tensorrt(fp32, data[0], quantize_config(reduce_range=True))
+    report = audit(trt)
+    assert report.qdq_nodes > 0 and report.tensorrt_problems() == []
+    zero_points = [initializer(trt, node.input[2]) for node in trt.graph.node
+                   if node.op_type in QDQ_OPS and len(node.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    conv_biases = [initializer(trt, node.input[2]) for node in trt.graph.node
+                   if node.op_type == "Conv" and len(node.input) > 2]
+    assert conv_biases and all(b.dtype == np.float32 for b in conv_biases)
+    assert "Relu" in [node.op_type for node in trt.graph.node]  # kept when symmetric
+    # The CPU file is untouched by the second quantisation: same as quantize_int8's.
+    alone = quantize_int8(fp32, data[0], quantize_config(reduce_range=True))
+    assert cpu.SerializeToString() == alone.SerializeToString()
+    _, rel, agreement = compare_logits(run(fp32, data[1]), run(trt, data[1]))
+    assert rel < 0.1 and agreement >= 0.9
+
+
+def test_audit_names_what_tensorrt_refuses_in_the_cpu_file(fp32, data):
+    cpu = quantize_int8(fp32, data[0], quantize_config(activation_type="uint8"))
+    report = audit(cpu)
+    assert report.uint8 and report.nonzero_zero_point and report.int32_dequantize
+    problems = precision_problems(report, "int8")
+    assert len(problems) == 3
+    assert "UINT8" in problems[0] and "symmetric" in problems[1] and "INT32" in problems[2]
+    with pytest.raises(ExportError, match="not buildable by TensorRT: .*UINT8"):
+        check_tensorrt_int8(cpu)
+
+
+def test_audit_checks_the_label_against_the_content(fp32, data):
+    assert precision_problems(audit(fp32), "fp32") == []
+    assert "no QuantizeLinear" in precision_problems(audit(fp32), "int8")[0]
+    assert "no float16" in precision_problems(audit(fp32), "fp16")[0]
+    fp16 = convert_fp16(fp32)
+    assert audit(fp16).fp16_tensors > 0 and precision_problems(audit(fp16), "fp16") == []
+    assert "labelled fp32 but holds 0 Q/DQ node(s) and" in precision_problems(audit(fp16),
+                                                                              "fp32")[0]

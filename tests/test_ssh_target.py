@@ -3,7 +3,6 @@ on 127.0.0.1 standing in for the device, with this venv's Python as the device's
 
 import json
 import shutil
-import stat
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import onnxruntime
 import pytest
 from sshd_fixture import (
     free_port,
+    install_trtexec_standin,
     serve_sshd,
     settings_for,
     tiny_checkpoint,
@@ -197,30 +197,13 @@ def test_device_without_trtexec_is_unavailable(sshd_server, onnx_file):
         SshTensorRtTarget(settings).load(onnx_file)
 
 
-FAKE_TRTEXEC = """#!/bin/sh
-# Stands in for TensorRT's trtexec: writes a fixed --exportTimes file, prints a banner.
-echo "&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec $*"
-echo "[I] Selected Device: Fake GPU"
-echo "[I] Compute Capability: 8.7"
-for arg in "$@"; do
-  case "$arg" in --exportTimes=*) out="${arg#--exportTimes=}";; esac
-  echo "$arg" >> "$(dirname "$0")/trtexec_args.txt"
-done
-cat > "$out" <<'JSON'
-[
-  { "startComputeMs" : 1.0, "h2dMs" : 0.5, "computeMs" : 9.0, "d2hMs" : 0.5 },
-  { "startComputeMs" : 20.0, "h2dMs" : 0.1, "computeMs" : 2.0, "d2hMs" : 0.2 },
-  { "startComputeMs" : 23.0, "h2dMs" : 0.1, "computeMs" : 3.0, "d2hMs" : 0.2 }
-]
-JSON
-"""
-
-
 @pytest.mark.edge
-def test_trtexec_over_ssh_parses_times_and_device(sshd_server, onnx_file, tmp_path):
-    fake = sshd_server.folder / "fake_trtexec"
-    fake.write_text(FAKE_TRTEXEC)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+@pytest.mark.parametrize(("code", "version", "typing", "absent"), [
+    ("100300", "10.3.0", ["--stronglyTyped", "--noTF32"], ["--int8", "--includeDataTransfers"]),
+    ("110100", "11.1.0", ["--noTF32", "--includeDataTransfers"], ["--int8", "--stronglyTyped"])])
+def test_trtexec_over_ssh_parses_times_and_device(sshd_server, onnx_file, tmp_path, code,
+                                                  version, typing, absent):
+    fake = install_trtexec_standin(sshd_server.folder, code)
     plan = TimingPlan(warmup_iters=1, warmup_seconds=0.01, min_iters=2, min_seconds=0.0)
     int8 = tmp_path / "m.int8.onnx"
     int8.write_bytes(onnx_file.read_bytes())
@@ -229,11 +212,13 @@ def test_trtexec_over_ssh_parses_times_and_device(sshd_server, onnx_file, tmp_pa
         stats = runner.benchmark({"input": images(2)}, plan)
         with pytest.raises(UnsupportedOperation, match="ssh-onnxruntime"):
             runner.infer({"input": images(2)})
-        assert runner.device_info["tensorrt"] == "10.3.0"
-        assert runner.device_info["gpu"] == "Fake GPU"
+        assert runner.device_info["tensorrt"] == version
+        assert runner.device_info["gpu"] == "Orin"
     assert stats.n == 2 and stats.clock == "trtexec"  # the 1 ms warm-up entry is dropped
     assert stats.p50_ms == pytest.approx((2.3 + 3.3) / 2)
     assert stats.phase_p50_ms["compute"] == pytest.approx(2.5)
     args = (sshd_server.folder / "trtexec_args.txt").read_text().splitlines()
-    assert "--int8" in args and "--shapes=input:2x3x32x32" in args and "--warmUp=10" in args
+    assert "--help" in args  # the version probe
+    assert {*typing, "--shapes=input:2x3x32x32", "--warmUp=10"} <= set(args)
+    assert not set(absent) & set(args)
     assert leftover_folders(sshd_server) == []

@@ -15,6 +15,7 @@ from pipeline.config import ExportConfig, ParityTolerance, QuantizeConfig, as_di
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import DataError, ParityError
 from pipeline.export.cards import card_path, load_verified_onnx
+from pipeline.export.qdq import audit, precision_problems
 from pipeline.flops import model_cost
 from pipeline.io import write_json
 from pipeline.models import build_model
@@ -22,6 +23,7 @@ from pipeline.parity import FP32_TOLERANCE
 from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
 
 SHIPPED = ("fp32", "fp16", "int8")
+VARIANT_STEMS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int8_trt": "int8.trt"}
 RUNTIME = OnnxRuntimeCpuSettings(graph_optimization="all", intra_op_threads=1, inter_op_threads=1,
                                  providers=("CPUExecutionProvider",))
 SPEC = {"arch": "resnet20", "num_classes": 4, "base_width": 4}
@@ -61,16 +63,30 @@ def result(workspace) -> dict:
 
 def test_every_shipped_file_is_written_with_a_card_that_verifies(workspace, result):
     shipped = sorted(path.name for path in (workspace / "artifacts").iterdir())
-    assert shipped == sorted(f"student_final.{p}.{ext}" for p in SHIPPED
+    assert shipped == sorted(f"student_final.{p}.{ext}" for p in (*SHIPPED, "int8.trt")
                              for ext in ("onnx", "card.json"))
-    for precision in SHIPPED:
-        path = workspace / "artifacts" / f"student_final.{precision}.onnx"
+    for variant, stem in VARIANT_STEMS.items():
+        path = workspace / "artifacts" / f"student_final.{stem}.onnx"
         verified = load_verified_onnx(path)
-        assert verified.card["precision"] == precision
+        assert verified.card["precision"] == stem.split(".")[0]
         assert verified.card["model"] == "student_final" and verified.card["opset"] == 18
-        assert verified.card["metrics"]["onnxruntime_top1"] == result["files"][precision]["top1"]
-        assert card_path(path).name == f"student_final.{precision}.card.json"
+        assert verified.card["metrics"]["onnxruntime_top1"] == result["files"][variant]["top1"]
+        assert card_path(path).name == f"student_final.{stem}.card.json"
     assert result["files"]["exported"]["path"] is None  # checked, then dropped
+
+
+def test_the_tensorrt_int8_file_is_one_tensorrt_parses(workspace, result):
+    trt = workspace / "artifacts" / "student_final.int8.trt.onnx"
+    assert precision_problems(audit(trt), "int8") == []
+    cpu_problems = precision_problems(audit(workspace / "artifacts" / "student_final.int8.onnx"),
+                                      "int8")
+    assert any("UINT8" in problem for problem in cpu_problems)
+    card = load_verified_onnx(trt).card
+    assert card["export"]["quantization"]["extra_options"]["QuantizeBias"] is False
+    assert card["export"]["derived_from"] == "student_final.fp32.onnx"
+    assert result["int8_trt_top1_drop_points"] == pytest.approx(
+        100 * (result["files"]["fp32"]["top1"] - result["files"]["int8_trt"]["top1"]))
+    assert result["files"]["int8_trt"]["parity"]["vs_torch_b64"]["images"] == 64
 
 
 def test_metrics_hold_parity_node_counts_sizes_and_accuracy(result):

@@ -6,12 +6,18 @@ import pytest
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.timing import TimingPlan
+from targets.engines import ShapeProfile
 from targets.trtexec import (
     TrtexecOutputError,
+    banner_version,
     benchmark_command,
+    build_command,
     parse_log,
     parse_times,
+    probed_version,
     times_stats,
+    typing_args,
+    version_probe,
 )
 
 # As trtexec (TensorRT 8.x-10.x, sampleReporting.cpp exportJSONTrace) writes it: one object per
@@ -77,20 +83,113 @@ def test_malformed_times_are_errors(text, message):
 
 
 def test_log_gives_version_and_device():
-    assert parse_log(LOG) == {"tensorrt": "8.6.1", "gpu": "Orin", "compute_capability": "8.7"}
+    assert parse_log(LOG) == {"tensorrt": "8.6.1", "gpu": "Orin", "compute_capability": "8.7",
+                              "build_seconds": None}
     assert parse_log("[TensorRT v100300]")["tensorrt"] == "10.3.0"
     assert parse_log("[I] TensorRT version: 10.8.0")["tensorrt"] == "10.8.0"
-    assert parse_log("") == {"tensorrt": None, "gpu": None, "compute_capability": None}
+    assert parse_log("") == {"tensorrt": None, "gpu": None, "compute_capability": None,
+                             "build_seconds": None}
 
 
-def test_benchmark_command_is_an_argument_list():
-    plan = TimingPlan(warmup_iters=5, warmup_seconds=0.2, min_iters=100, min_seconds=1.5)
+# Excerpts of public trtexec logs (quoted in the research note): the banner of TensorRT 10.8.0
+# on Windows (NVIDIA/TensorRT#4658), the device block and version line of 10.16.2 on a Jetson
+# Orin (OE4T/meta-tegra#2243), and the build lines of a 10.9.0 build on an RTX 3070.
+PUBLIC_BUILD_LOG = "\n".join([
+    r"&&&& RUNNING TensorRT.trtexec [TensorRT v100800] [b43] # C:\trt\trtexec.exe --onnx=m.onnx "
+    "--saveEngine=fp32.engine",
+    "[12/04/2025-16:45:32] [I] TF32 is enabled by default. Add --noTF32 flag to further improve "
+    "accuracy with some performance cost.",
+    "[01/01/1970-03:47:30] [I] === Device Information ===",
+    "[01/01/1970-03:47:30] [I] Available Devices: ",
+    '[01/01/1970-03:47:30] [I]   Device 0: "Orin" UUID: GPU-f5507ee1-b6b1-556b-8350-83af993dbffd',
+    "[01/01/1970-03:47:30] [I] Selected Device: Orin",
+    "[01/01/1970-03:47:30] [I] Selected Device ID: 0",
+    "[01/01/1970-03:47:30] [I] Selected Device UUID: GPU-f5507ee1-b6b1-556b-8350-83af993dbffd",
+    "[01/01/1970-03:47:30] [I] Compute Capability: 8.7",
+    "[01/01/1970-03:47:30] [I] SMs: 8",
+    "[01/01/1970-03:47:30] [I] TensorRT version: 10.16.2",
+    "[04/07/2025-23:59:46] [I] [TRT] Engine generation completed in 10.6392 seconds.",
+    "[04/07/2025-23:59:46] [I] Engine built in 10.7204 sec.",
+    "[04/07/2025-23:59:46] [I] Created engine with size: 101.811 MiB", ""])
+
+
+def test_public_log_excerpts_parse():
+    assert parse_log(PUBLIC_BUILD_LOG) == {"tensorrt": "10.16.2", "gpu": "Orin",
+                                           "compute_capability": "8.7", "build_seconds": 10.7204}
+    without_version_line = PUBLIC_BUILD_LOG.replace("TensorRT version: 10.16.2", "")
+    assert parse_log(without_version_line)["tensorrt"] == "10.8.0"  # from the banner
+
+
+@pytest.mark.parametrize(("line", "version"), [
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec --help", (10, 3, 0)),
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v100900] [b34] # trtexec --onnx=a.onnx", (10, 9, 0)),
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b106] # trtexec", (11, 1, 0)),
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v8601] # trtexec", (8, 6, 1)),
+    ("usage: something else", None)])
+def test_banner_gives_the_version(line, version):
+    assert banner_version(line) == version
+
+
+def test_version_probe_is_shell_free_and_refuses_what_is_not_trtexec():
+    assert version_probe("/usr/src/tensorrt/bin/trtexec")[-1] == "/usr/src/tensorrt/bin/trtexec"
+    assert probed_version("&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b106] # x", "t") \
+        == (11, 1, 0)
+    with pytest.raises(TrtexecOutputError, match="printed 'sh: 1: trtexec: not found', not "):
+        probed_version("sh: 1: trtexec: not found\n", "trtexec")
+
+
+@pytest.mark.parametrize(("version", "precision", "tf32", "expected"), [
+    ((10, 3, 0), "fp16", False, ["--stronglyTyped", "--noTF32"]),
+    ((10, 16, 2), "int8", True, ["--stronglyTyped"]),
+    ((11, 1, 0), "int8", False, ["--noTF32"]),
+    ((11, 4, 0), "fp16", True, []),
+    ((8, 6, 1), "int8", False, ["--int8", "--noTF32"]),
+    ((8, 6, 1), "fp32", True, [])])
+def test_typing_arguments_follow_the_tensorrt_version(version, precision, tf32, expected):
+    assert typing_args(version, precision, tf32) == expected
+
+
+PLAN = TimingPlan(warmup_iters=5, warmup_seconds=0.2, min_iters=100, min_seconds=1.5)
+
+
+def test_benchmark_command_on_tensorrt_10():
     command = benchmark_command("trtexec", "/tmp/x/m.fp16.onnx", "input", (64, 3, 32, 32), "fp16",
-                                plan, "/tmp/x/t.json")
-    assert command[:3] == ["trtexec", "--onnx=/tmp/x/m.fp16.onnx", "--fp16"]
+                                PLAN, "/tmp/x/t.json", (10, 3, 0))
+    assert command[:4] == ["trtexec", "--onnx=/tmp/x/m.fp16.onnx", "--stronglyTyped", "--noTF32"]
     assert {"--warmUp=200", "--iterations=100", "--duration=2", "--exportTimes=/tmp/x/t.json",
             "--shapes=input:64x3x32x32"} <= set(command)
-    static = benchmark_command("trtexec", "m.onnx", "input", None, "fp32", plan, "t.json")
-    assert not any(arg.startswith(("--shapes", "--fp16", "--int8")) for arg in static)
+    assert not {"--fp16", "--int8", "--includeDataTransfers"} & set(command)
+    static = benchmark_command("trtexec", "m.onnx", "input", None, "fp32", PLAN, "t.json",
+                               (10, 3, 0))
+    assert not any(arg.startswith("--shapes") for arg in static)
     with pytest.raises(ConfigError, match="precision 'bf8'"):
-        benchmark_command("trtexec", "m.onnx", "input", None, "bf8", plan, "t.json")
+        benchmark_command("trtexec", "m.onnx", "input", None, "bf8", PLAN, "t.json", (10, 3, 0))
+
+
+def test_benchmark_command_on_tensorrt_11_times_the_copies_without_removed_flags():
+    command = benchmark_command("trtexec", "m.int8.trt.onnx", "input", (8, 3, 32, 32), "int8",
+                                PLAN, "t.json", (11, 1, 0))
+    assert "--includeDataTransfers" in command and "--noTF32" in command
+    assert not {"--fp16", "--int8", "--stronglyTyped"} & set(command)
+
+
+PROFILE = ShapeProfile("input", (1, 3, 32, 32), (16, 3, 32, 32), (64, 3, 32, 32))
+
+
+@pytest.mark.parametrize(("version", "typing"), [((10, 3, 0), ["--stronglyTyped", "--noTF32"]),
+                                                  ((11, 1, 0), ["--noTF32"])])
+def test_build_command_saves_the_engine_with_the_profile_and_timing_cache(version, typing):
+    command = build_command("/opt/trtexec", "/d/m.fp16.onnx", "/d/m.engine", "/d/timing.cache",
+                            PROFILE, "fp16", 512, version)
+    assert command == ["/opt/trtexec", "--onnx=/d/m.fp16.onnx", "--saveEngine=/d/m.engine",
+                       "--timingCacheFile=/d/timing.cache", *typing,
+                       "--minShapes=input:1x3x32x32", "--optShapes=input:16x3x32x32",
+                       "--maxShapes=input:64x3x32x32", "--memPoolSize=workspace:512M",
+                       "--skipInference"]
+
+
+def test_build_command_gives_a_static_input_no_shapes():
+    static = ShapeProfile("input", *([(4, 3, 32, 32)] * 3), dynamic=False)
+    command = build_command("trtexec", "m.onnx", "m.engine", "c", static, "fp32", 64, (10, 3, 0))
+    assert not any(arg.startswith(("--minShapes", "--optShapes", "--maxShapes"))
+                   for arg in command)

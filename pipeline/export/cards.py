@@ -6,8 +6,15 @@ Every shipped file gets a card beside it (pipeline.artifacts.card_path): `teache
 `prune_deploy.card`, so a file separated from its card still says what it is.
 `load_verified_onnx` refuses a file whose bytes do not hash to its card's sha256, whose embedded
 card disagrees with the card file, or that is not ONNX.
+
+Engines (`teacher.fp16.tensorrt.engine`) get an engine card (`teacher.fp16.tensorrt.card.json`):
+how and where the engine was built (TensorRT version, GPU and compute capability, platform,
+optimisation profile, workspace, source ONNX sha256, build time) plus what it computes, copied
+from its source ONNX card. `load_verified_engine` refuses bytes that do not hash to the card's
+engine_sha256; whether the engine fits a runtime is checked by targets/engines.py.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -156,3 +163,71 @@ def load_verified_onnx(path: str | os.PathLike) -> VerifiedOnnx:
         raise ArtifactIntegrityError(f"{path}: the card embedded in metadata_props differs from "
                                      f"{card_path(path).name}")
     return VerifiedOnnx(model, card)
+
+
+# ------------------------------------------------------------------------------------ engines
+ENGINE_CARD_FORMAT = "prune-deploy/engine-card/1"
+# What an engine computes is its source ONNX file's: these fields are copied from that card.
+INHERITED = ("model", "input", "output", "mean", "std", "classes", "dataset", "pruned", "params",
+             "macs")
+# What every engine card records about the build (targets/engines.py fills them).
+ENGINE_FACTS = ("target", "precision", "tensorrt", "gpu", "compute_capability", "platform",
+                "profile", "workspace_bytes", "tf32", "source_onnx", "source_onnx_sha256",
+                "build_seconds", "built_with")
+
+
+def make_engine_card(source_card: dict[str, Any] | None, facts: dict[str, Any]) -> dict[str, Any]:
+    """An engine's card without its own hash (write_engine_card adds it): the build facts and,
+    when the source ONNX file has a card, what the engine computes (inputs, mean/std, classes)."""
+    missing = [key for key in ENGINE_FACTS if key not in facts]
+    if missing:
+        raise ArtifactIntegrityError(f"engine card facts lack {missing}; expected "
+                                     f"{list(ENGINE_FACTS)}")
+    inherited = {key: source_card[key] for key in INHERITED if source_card and key in source_card}
+    return {"format": ENGINE_CARD_FORMAT, **inherited, **facts,
+            "source_card": dict(source_card) if source_card else None}
+
+
+def write_engine_card(engine: str | os.PathLike, card: dict[str, Any]) -> Path:
+    """Write `<engine stem>.card.json` with the engine's name, size and sha256 (atomically)."""
+    engine = Path(engine)
+    full = {**card, "file": engine.name, "engine_sha256": file_sha256(engine),
+            "size_bytes": engine.stat().st_size}
+    path = card_path(engine)
+    write_json(path, full)
+    return path
+
+
+def read_engine_card(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactIntegrityError(f"{path}: engine card not found; an engine is loaded only "
+                                     "with the card its build wrote beside it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactIntegrityError(f"{path}: unreadable engine card ({err})") from err
+    if not isinstance(card, dict) or card.get("format") != ENGINE_CARD_FORMAT:
+        raise ArtifactIntegrityError(f"{path}: not a {ENGINE_CARD_FORMAT} card")
+    missing = [key for key in (*ENGINE_FACTS, "engine_sha256") if key not in card]
+    if missing:
+        raise ArtifactIntegrityError(f"{path}: engine card lacks {missing}")
+    return card
+
+
+def load_verified_engine(path: str | os.PathLike) -> tuple[bytes, dict[str, Any]]:
+    """The engine's bytes and its card, after checking that the bytes hash to the card's
+    engine_sha256 (whether the engine fits this machine is the runtime's check)."""
+    path = Path(path)
+    card = read_engine_card(card_path(path))
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactIntegrityError(f"{path}: engine not found (its card {card_path(path)} "
+                                     "exists)") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card["engine_sha256"]:
+        raise ArtifactIntegrityError(f"{path}: sha256 {digest} does not match its card's "
+                                     f"engine_sha256 {card['engine_sha256']}; the engine was "
+                                     "changed or truncated: rebuild it")
+    return data, card

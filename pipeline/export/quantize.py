@@ -7,6 +7,9 @@ uint8 or int8 activations from params. On ONNX Runtime 1.31's CPU provider (AVX2
 S8S8 QDQ fuses only 9 of ResNet20's 19 convolutions into QLinearConv and runs slower than FP32,
 while U8S8 fuses all of them and the residual Adds (1.5-1.7x faster than FP32); with 7-bit
 weights (reduce_range) U8S8 also avoids int16 saturation. Measurements: docs/export.md.
+TensorRT gets a second INT8 file from the same calibration: symmetric signed INT8 activations
+and weights (zero points 0) and float biases, the only Q/DQ form its ONNX parser takes
+(pipeline.export.qdq).
 """
 
 import tempfile
@@ -26,6 +29,7 @@ from pipeline.export.onnx_export import (
     tensor_dims,
     verify_onnx,
 )
+from pipeline.export.qdq import audit, precision_problems
 
 # method -> (ONNX Runtime CalibrationMethod, calibrator options). quantize_static cannot pass
 # histogram sizes, and its entropy default (128 bins, 128 quantised bins) leaves a single
@@ -37,6 +41,11 @@ CALIBRATION_METHODS = {
     "percentile": ("Percentile", {"num_bins": 2048, "percentile": 99.999}),
 }
 ACTIVATION_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}
+# ONNX Runtime options for the TensorRT INT8 file (quantize_static's extra_options; its docstring:
+# "use symmetric QuantType.QInt8 for both activations and weights when targeting GPU/TRT").
+# Float biases, because TensorRT does not dequantize ONNX Runtime's INT32 bias.
+TENSORRT_INT8_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True,
+                         "QuantizeBias": False}
 
 
 def _check_same_interface(converted: onnx.ModelProto, source: onnx.ModelProto) -> None:
@@ -97,34 +106,72 @@ def calibrate(model_path: Path, images: np.ndarray, settings: QuantizeConfig,
     return cache
 
 
-def quantize_int8(proto: onnx.ModelProto, images: np.ndarray,
-                  settings: QuantizeConfig) -> onnx.ModelProto:
-    """Static INT8 QDQ model calibrated on the first `settings.calibration_images` of `images`
-    (normalised float32, as the model expects them)."""
+def _quantize_static(source: Path, target: Path, ranges: Path, settings: QuantizeConfig,
+                     tensorrt: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if tensorrt:  # signed INT8, zero points 0, float biases (pipeline.export.qdq)
+        activations, reduce_range, extra = QuantType.QInt8, False, dict(TENSORRT_INT8_OPTIONS)
+    else:
+        activations = getattr(QuantType, ACTIVATION_TYPES[settings.activation_type])
+        reduce_range, extra = settings.reduce_range, {}
+    quantize_static(
+        source, target, None, calibration_cache_path=ranges,
+        calibrate_method=getattr(CalibrationMethod,
+                                 CALIBRATION_METHODS[settings.calibration_method][0]),
+        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
+        weight_type=QuantType.QInt8, activation_type=activations, extra_options=extra)
+
+
+def _quantize_calibrated(proto: onnx.ModelProto, images: np.ndarray, settings: QuantizeConfig,
+                         tensorrt: tuple[bool, ...]) -> tuple[onnx.ModelProto, ...]:
+    """One INT8 model per entry of `tensorrt`, all from one calibration pass."""
     if len(images) < settings.calibration_images:
         raise ExportError(f"INT8 calibration needs {settings.calibration_images} images "
                           f"(export.quantize.calibration_images), got {len(images)}")
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
+    quantized = []
     with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
         folder = Path(tmp)
-        source, target = folder / "fp32.onnx", folder / "int8.onnx"
+        source = folder / "fp32.onnx"
         save_onnx(proto, source)
         try:
             ranges = calibrate(source, images[:settings.calibration_images], settings, folder)
-            quantize_static(
-                source, target, None, calibration_cache_path=ranges,
-                calibrate_method=getattr(CalibrationMethod,
-                                         CALIBRATION_METHODS[settings.calibration_method][0]),
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                reduce_range=settings.reduce_range, weight_type=QuantType.QInt8,
-                activation_type=getattr(QuantType, ACTIVATION_TYPES[settings.activation_type]))
+            for index, for_tensorrt in enumerate(tensorrt):
+                target = folder / f"int8_{index}.onnx"
+                _quantize_static(source, target, ranges, settings, for_tensorrt)
+                quantized.append(onnx.load(target))
         except Exception as err:  # noqa: BLE001 - calibration and quantizer raise many types
             raise ExportError(f"INT8 quantisation failed: {type(err).__name__}: {err}") from err
-        quantized = onnx.load(target)
-    quantized = verify_onnx(quantized)
-    _check_same_interface(quantized, proto)
-    return quantized
+    checked = tuple(verify_onnx(model) for model in quantized)
+    for model in checked:
+        _check_same_interface(model, proto)
+    return checked
+
+
+def quantize_int8(proto: onnx.ModelProto, images: np.ndarray,
+                  settings: QuantizeConfig) -> onnx.ModelProto:
+    """Static INT8 QDQ model calibrated on the first `settings.calibration_images` of `images`
+    (normalised float32, as the model expects them), with the settings' activation type."""
+    return _quantize_calibrated(proto, images, settings, (False,))[0]
+
+
+def quantize_int8_with_tensorrt(proto: onnx.ModelProto, images: np.ndarray,
+                                settings: QuantizeConfig) -> tuple[onnx.ModelProto,
+                                                                   onnx.ModelProto]:
+    """(quantize_int8's model, the symmetric model TensorRT takes), calibrated once: the
+    calibration pass is most of the cost, the second quantize_static is cheap."""
+    cpu, tensorrt = _quantize_calibrated(proto, images, settings, (False, True))
+    check_tensorrt_int8(tensorrt)
+    return cpu, tensorrt
+
+
+def check_tensorrt_int8(proto: onnx.ModelProto) -> None:
+    """ExportError unless TensorRT's ONNX parser takes the file's Q/DQ nodes (a newer ONNX
+    Runtime could change what the options above produce)."""
+    problems = precision_problems(audit(proto), "int8")
+    if problems:
+        raise ExportError("the INT8 file for TensorRT is not buildable by TensorRT: "
+                          + "; ".join(problems))
 
 
 def check_int8_drop(fp32_top1: float, int8_top1: float, max_drop_points: float) -> float:
