@@ -243,6 +243,17 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all processes (a new tensor; `tensor` itself in a
+    single process): e.g. per-channel statistics a method gathers on its data shard and then
+    decides from, so that every process decides alike."""
+    if not _current.enabled:
+        return tensor
+    total = tensor.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(total)
+    return total.to(tensor.device)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every process (pickled; e.g. a resume checkpoint rank 0 has read)."""
     if not _current.enabled:
@@ -277,8 +288,8 @@ def agree_on_state(module: nn.Module, where: str) -> None:
     Code that runs in each process on its own - a stage's epoch hooks - keeps the processes in
     step only if it decides the same everywhere; a decision taken from one process's shard of
     the data (e.g. its activations) would let the models drift apart silently. Such code
-    should sum its statistics over processes (`all_reduce_sum`); until it does, the processes
-    follow rank 0, and the result differs from a single-process run.
+    should sum its statistics over processes (`sum_over_processes`, `all_reduce_sum`); until it
+    does, the processes follow rank 0, and the result differs from a single-process run.
     """
     if not _current.enabled:
         return
