@@ -156,7 +156,9 @@ def start(cfg: DistributedConfig, device_setting: str, stage_file: str,
     """Join the training processes, or start them: a training stage (`trains`) asked for more
     than one process by `cfg` re-executes itself under torchrun and never returns here."""
     under_torchrun = torchrun_env()
-    if under_torchrun is not None and under_torchrun.enabled:
+    if under_torchrun is not None:  # torchrun decided the processes; never start more
+        if not under_torchrun.enabled:
+            return DistEnv(), resolve_device(device_setting)
         if not trains:
             raise ConfigError(f"{Path(stage_file).stem} does not train; run it as one process, "
                               "not under torchrun")

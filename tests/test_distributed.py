@@ -489,6 +489,15 @@ def test_a_stage_called_in_process_cannot_start_processes(monkeypatch):
     assert not env.enabled
 
 
+def test_under_torchrun_with_one_process_nothing_more_is_started(monkeypatch):
+    for name, value in zip(distributed.TORCHRUN_ENV, ("0", "1", "0", "1"), strict=True):
+        monkeypatch.setenv(name, value)
+    cfg = DistributedConfig(nproc_per_node=2, nnodes=1, rdzv_endpoint="", sync_batchnorm=True,
+                            max_restarts=0, timeout_s=600)
+    env, _ = distributed.start(cfg, "cpu", __file__, trains=True)  # no re-launch, no error
+    assert not env.enabled and not dist.is_initialized()
+
+
 def test_a_stage_that_does_not_train_refuses_torchrun(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
