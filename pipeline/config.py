@@ -46,10 +46,38 @@ Precision = Literal["fp32", "fp16", "int8"]
 
 # --------------------------------------------------------------------------- shared sections
 @dataclass(frozen=True, config=STRICT)
+class DistributedConfig:
+    """Data-parallel training (PyTorch DDP launched by torchrun; pipeline/distributed.py).
+
+    1 process on 1 machine is plain single-process training. Per-machine values (which node a
+    machine is) never go here, since every machine reads the same params.yaml: they come from
+    the environment (PIPELINE_NODE_RANK).
+    """
+
+    nproc_per_node: NonNegativeInt  # training processes per machine; 0 = one per visible GPU
+    nnodes: PositiveInt  # machines; > 1 needs rdzv_endpoint, and PIPELINE_NODE_RANK on each
+    rdzv_endpoint: str  # host:port of node 0 (static rendezvous); "" on a single machine
+    sync_batchnorm: bool  # BatchNorm statistics over all processes' shards (else per process)
+    max_restarts: NonNegativeInt  # torchrun restarts after a failed process (each resumes)
+    timeout_s: PositiveInt  # how long a collective waits for a missing process (seconds)
+
+    @model_validator(mode="after")
+    def _endpoint_for_several_nodes(self):
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
+        elif self.nnodes > 1:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (host:port of node 0)")
+        return self
+
+
+@dataclass(frozen=True, config=STRICT)
 class CommonConfig:
     seed: NonNegativeInt  # base seed for every random number generator, all stages
     device: Literal["auto", "cpu", "cuda"]  # training/eval device; auto = cuda if present
     threads: NonNegativeInt  # torch intra-op threads on CPU; 0 = torch's default (all cores)
+    distributed: DistributedConfig  # training stages: processes and machines (DDP, torchrun)
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -388,5 +416,12 @@ def load_section(schema: type[Schema], path: str | os.PathLike) -> Schema:
 
 
 def data_root(cfg: DataConfig) -> Path:
-    """The dataset folder: $PIPELINE_DATA_ROOT if set, else data.root from params."""
-    return Path(os.environ.get(DATA_ROOT_ENV) or cfg.root)
+    """The dataset folder: $PIPELINE_DATA_ROOT if set, else data.root from params.
+
+    A relative path is relative to the repository, which DVC names in $DVC_ROOT: a queued
+    experiment (`dvc exp run --queue`) runs in a copy under .dvc/tmp/exps/, where the working
+    directory is not the repository root. Without DVC (a stage run by hand) it is relative to
+    the working directory.
+    """
+    root = Path(os.environ.get(DATA_ROOT_ENV) or cfg.root)
+    return root if root.is_absolute() else Path(os.environ.get("DVC_ROOT") or ".") / root

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DataConfig, data_root
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_output
 
 log = logging.getLogger(__name__)
@@ -272,20 +272,33 @@ def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return images_u8.float().div_(255).sub_(mean).div_(std)
 
 
-def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop of the zero-padded batch plus a random horizontal flip."""
+def draw_crop_flip(count: int, pad: int, generator: torch.Generator,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random numbers of `random_crop_flip` for `count` images: (dy, dx, flip)."""
+    dy = torch.randint(0, 2 * pad + 1, (count, 1), generator=generator, device=device)
+    dx = torch.randint(0, 2 * pad + 1, (count, 1), generator=generator, device=device)
+    flip = torch.rand(count, generator=generator, device=device) < 0.5
+    return dy, dx, flip
+
+
+def apply_crop_flip(images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor,
+                    flip: torch.Tensor) -> torch.Tensor:
+    """Crop image i of the zero-padded batch at (dy[i], dx[i]) and mirror it where flip[i]."""
     n, c, h, w = images.shape
     device = images.device
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=device)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=device)
     rows = (dy + torch.arange(h, device=device))[:, None, :, None]
     cols = (dx + torch.arange(w, device=device))[:, None, None, :]
     batch = torch.arange(n, device=device)[:, None, None, None]
     channel = torch.arange(c, device=device)[None, :, None, None]
     cropped = padded[batch, channel, rows, cols]
-    flip = torch.rand(n, generator=generator, device=device) < 0.5
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the zero-padded batch plus a random horizontal flip."""
+    dy, dx, flip = draw_crop_flip(len(images), pad, generator, images.device)
+    return apply_crop_flip(images, pad, dy, dx, flip)
 
 
 class BatchLoader:
@@ -293,21 +306,42 @@ class BatchLoader:
 
     Each epoch's shuffle and augmentation draw from a generator seeded by (seed, epoch), so an
     interrupted run resumed at epoch k sees exactly the batches it would have seen.
+
+    Data-parallel training (`rank` of `world` processes, pipeline.distributed): every process
+    holds the whole split and draws the same shuffle and the same crop/flip numbers for the
+    whole global batch of `batch_size` images, then keeps its own contiguous slice of
+    batch_size / world images. The slices of all processes are exactly the single-process
+    batch, and every process runs the same number of steps. A test loader gives each process
+    whole batches in turn (rank, rank + world, ...): their union is the test set, once.
     """
 
     def __init__(self, split: ImageSplit, batch_size: int, mean, std, device: torch.device,
-                 train: bool, seed: int = 0, channels_last: bool = False):
+                 train: bool, seed: int = 0, channels_last: bool = False, rank: int = 0,
+                 world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of the {world} processes")
+        if train and batch_size % world:
+            raise ConfigError(f"batch_size={batch_size} does not split evenly over {world} "
+                              "processes (common.distributed: nnodes x nproc_per_node); use a "
+                              f"multiple of {world}")
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.device, self.channels_last = device, channels_last
+        self.rank, self.world = rank, world
         self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
         self.epoch = 0
 
-    def __len__(self) -> int:
+    def _global_batches(self) -> int:
         full, rest = divmod(len(self.labels), self.batch_size)
         return full if self.train and full else full + bool(rest)  # train drops a ragged tail
+
+    def __len__(self) -> int:
+        """Batches this process yields: every step of an epoch (training), or its test batches."""
+        if self.train:
+            return self._global_batches()
+        return len(range(self.rank, self._global_batches(), self.world))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -318,11 +352,19 @@ class BatchLoader:
         count = len(self.labels)
         order = (torch.randperm(count, generator=generator, device=self.device) if self.train
                  else torch.arange(count, device=self.device))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
-            images = self.images[index]
+        batches = range(self._global_batches()) if self.train else \
+            range(self.rank, self._global_batches(), self.world)
+        share = self.batch_size // self.world
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        for batch in batches:
+            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             if self.train:
-                images = random_crop_flip(images, 4, generator)
+                # The whole global batch's numbers, in the single-process order, then our slice.
+                dy, dx, flip = draw_crop_flip(len(index), 4, generator, self.device)
+                index = index[mine]
+                images = apply_crop_flip(self.images[index], 4, dy[mine], dx[mine], flip[mine])
+            else:
+                images = self.images[index]
             images = normalize(images, self.mean, self.std)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -3,6 +3,10 @@
 Every file the pipeline writes goes through `atomic_output`: the content is written to a temp
 file beside the target, flushed to disk (fsync), then renamed over the target, so a crash or a
 kill at any moment leaves either the old file or the new one, never half of either.
+
+In data-parallel training (pipeline.distributed) every process runs the whole stage, and only
+global rank 0 writes: what the other processes write here goes to a scratch folder that is
+removed at once, so the processes never race on an output and a stage needs no code for it.
 """
 
 import csv
@@ -11,6 +15,7 @@ import io
 import json
 import os
 import random
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,15 +39,26 @@ def _fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+def writes_files() -> bool:
+    """False in a data-parallel process other than global rank 0: only rank 0 writes."""
+    group = torch.distributed
+    return not (group.is_available() and group.is_initialized()) or group.get_rank() == 0
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path to write `path`'s new content to; on success it replaces `path`.
 
     The temp file sits in the same folder (a rename across file systems is not atomic) and
     ends in `.tmp` (ignored by git and DVC). If the body raises, the temp file is removed and
-    `path` is left as it was.
+    `path` is left as it was. In a process other than rank 0 (`writes_files`) the content is
+    written to a scratch folder and dropped, and `path` is never touched.
     """
     path = Path(path)
+    if not writes_files():
+        with tempfile.TemporaryDirectory(prefix="not-rank-0-") as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:

@@ -4,6 +4,11 @@
 resume checkpoint after every epoch (atomically) and, when started again with the same
 fingerprint, continues from the last completed epoch. Batches are drawn from a per-epoch seed,
 so a resumed run follows the same trajectory as an uninterrupted one.
+
+In data-parallel training (pipeline.distributed) every process calls `fit` with its shard of
+the data; `fit` trains through DDP, sums the metrics over processes, gives the epoch hooks the
+plain model, keeps the processes' models identical, and lets rank 0 alone read and write the
+checkpoint. A stage that trains through `fit` and `StageContext.loaders` needs nothing else.
 """
 
 import contextlib
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from pipeline import distributed
 from pipeline.checkpoint import atomic_save
 from pipeline.config import TrainConfig
 from pipeline.data import BatchLoader
@@ -30,6 +36,8 @@ log = logging.getLogger(__name__)
 # loss_fn(model, images, labels) -> (loss, logits); lets KD and gate penalties plug in.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # on_epoch_end(epoch, model) -> extra numbers recorded in that epoch's history row.
+# Hooks get the plain model (never the DDP wrapper); in data-parallel training they run in
+# every process, and must decide the same in each (see distributed.agree_on_state).
 EpochHook = Callable[[int, nn.Module], dict[str, Any]]
 # on_epoch_start(epoch, model): runs after a resume has restored the model, before training.
 EpochStartHook = Callable[[int, nn.Module], None]
@@ -39,19 +47,11 @@ EpochStartHook = Callable[[int, nn.Module], None]
 class FitResult:
     history: list[dict[str, Any]]  # one row per epoch: losses, accuracies, lr, hook outputs
     train_seconds: float  # wall time spent in training epochs, summed over resumed runs
-    images_per_second: float  # training throughput over all epochs
+    images_per_second: float  # training throughput over all epochs (all processes together)
     amp: str  # autocast precision actually used ("off" on CPU)
     resumed_from_epoch: int = 0  # epochs already done when this process started
+    world_size: int = 1  # training processes (data-parallel), 1 = a single process
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(setting: str) -> torch.device:
-    """'auto' picks CUDA when present; 'cuda' without a GPU is an error, never a fallback."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("common.device is 'cuda' but no CUDA GPU is visible to torch")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -101,7 +101,11 @@ def effective_amp(device: torch.device, requested: str) -> str:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, amp: str = "off") -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy (fraction) over the loader, in eval mode."""
+    """Mean cross-entropy and top-1 accuracy (fraction) over the loader, in eval mode.
+
+    A loader sharded over processes (loader.world > 1) gives each its share of the test set;
+    the sums are then added up over the processes, so every process returns the same numbers.
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -112,32 +116,37 @@ def evaluate(model: nn.Module, loader: BatchLoader, amp: str = "off") -> dict[st
         correct += (logits.argmax(1) == labels).sum().item()
         count += len(labels)
     model.train(was_training)
+    if loader.world > 1:
+        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count])
     return {"loss": loss_sum / max(count, 1), "top1": correct / max(count, 1)}
 
 
-def _progress() -> Progress:
+def _progress(shown: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                    transient=True)
+                    transient=True, disable=not shown)
 
 
 def _train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, amp, progress, title):
-    model.train()
     loss_sum, correct, count = 0.0, 0, 0
     task = progress.add_task(title, total=len(loader), loss=float("nan"))
-    for images, labels in loader:
-        with _autocast(images.device, amp):
-            loss, logits = loss_fn(model, images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-        progress.update(task, advance=1, loss=loss_sum / count)
+    with distributed.data_parallel(model, loader.device) as trained:
+        trained.train()
+        for images, labels in loader:
+            with _autocast(images.device, amp):
+                loss, logits = loss_fn(trained, images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += len(labels)
+            progress.update(task, advance=1, loss=loss_sum / count)
     progress.remove_task(task)
+    if loader.world > 1:
+        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count])
     return {"train_loss": loss_sum / max(count, 1), "train_top1": correct / max(count, 1),
             "images": count}
 
@@ -173,10 +182,21 @@ def _load_resume_state(run: TrainingRun) -> dict[str, Any] | None:
     return state
 
 
+def _check_sharding(run: TrainingRun, env: distributed.DistEnv) -> None:
+    for name, loader in (("train_loader", run.train_loader), ("test_loader", run.test_loader)):
+        if (loader.rank, loader.world) != (env.rank, env.world_size):
+            raise ConfigError(
+                f"{run.title}: {name} is shard {loader.rank} of {loader.world}, but this is "
+                f"process {env.rank} of {env.world_size}; build the loaders with "
+                "StageContext.loaders (or make_loaders with rank and world)")
+
+
 def fit(model: nn.Module, run: TrainingRun) -> FitResult:
     """Train `model` in place according to `run`; resume from its checkpoint when it matches."""
     cfg = run.cfg
     device = run.train_loader.device
+    env = distributed.current()
+    _check_sharding(run, env)
     amp = effective_amp(device, cfg.amp)
     if len(run.train_loader) == 0:
         raise ConfigError(f"{run.title}: batch_size={cfg.batch_size} exceeds the training set")
@@ -184,7 +204,8 @@ def fit(model: nn.Module, run: TrainingRun) -> FitResult:
     scheduler = make_scheduler(optimizer, cfg, len(run.train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     history, seconds, images, start_epoch = [], 0.0, 0, 0
-    state = _load_resume_state(run)
+    # Rank 0 reads the checkpoint and hands it to the others: they may be on machines without it.
+    state = distributed.broadcast_object(_load_resume_state(run) if env.is_main else None)
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -197,7 +218,7 @@ def fit(model: nn.Module, run: TrainingRun) -> FitResult:
         history, seconds, images = state["history"], state["seconds"], state["images"]
         start_epoch = len(history)
         log.info("%s: resuming after epoch %d of %d", run.title, start_epoch, cfg.epochs)
-    with _progress() as progress:
+    with _progress(shown=env.is_main) as progress:
         for epoch in range(start_epoch, cfg.epochs):
             run.train_loader.set_epoch(epoch)
             if run.on_epoch_start is not None:
@@ -207,27 +228,34 @@ def fit(model: nn.Module, run: TrainingRun) -> FitResult:
                                run.loss_fn, amp, progress, f"{run.title} {epoch + 1}/{cfg.epochs}")
             elapsed = time.perf_counter() - began
             seconds, images = seconds + elapsed, images + row.pop("images")
+            # Without synchronised BatchNorm each process has its own running statistics.
+            distributed.broadcast_state(model, buffers_only=True)
             test = evaluate(model, run.test_loader, amp)
             row = {"epoch": epoch + 1, **row, "test_loss": test["loss"], "test_top1": test["top1"],
                    "lr": optimizer.param_groups[0]["lr"], "seconds": elapsed}
             if run.on_epoch_end is not None:
                 row.update(run.on_epoch_end(epoch + 1, model))
+            distributed.agree_on_state(model, f"{run.title} epoch {epoch + 1}")
             history.append(row)
             log.info("%s epoch %d/%d: loss %.4f  train top1 %.4f  test top1 %.4f  (%.1f s)",
                      run.title, epoch + 1, cfg.epochs, row["train_loss"], row["train_top1"],
                      row["test_top1"], elapsed)
-            atomic_save({"fingerprint": run.fingerprint, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "history": history, "seconds": seconds,
-                         "images": images}, run.checkpoint_path)
-    return FitResult(history, seconds, images / seconds if seconds else 0.0, amp, start_epoch)
+            if env.is_main:
+                atomic_save({"fingerprint": run.fingerprint, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "history": history, "seconds": seconds, "images": images},
+                            run.checkpoint_path)
+    return FitResult(history, seconds, images / seconds if seconds else 0.0, amp, start_epoch,
+                     env.world_size)
 
 
-def make_loaders(dataset, cfg: TrainConfig, device: torch.device,
-                 seed: int) -> tuple[BatchLoader, BatchLoader]:
-    """Augmented, shuffled training batches and plain test batches, both on `device`."""
+def make_loaders(dataset, cfg: TrainConfig, device: torch.device, seed: int, rank: int = 0,
+                 world: int = 1) -> tuple[BatchLoader, BatchLoader]:
+    """Augmented, shuffled training batches and plain test batches, both on `device`; process
+    `rank` of `world` gets its shard of each (cfg.batch_size is the global batch)."""
     layout = {"mean": dataset.mean, "std": dataset.std, "device": device,
-              "channels_last": cfg.channels_last}
+              "channels_last": cfg.channels_last, "rank": rank, "world": world}
     train = BatchLoader(dataset.train, cfg.batch_size, train=True, seed=seed, **layout)
     test = BatchLoader(dataset.test, cfg.eval_batch_size, train=False, **layout)
     return train, test

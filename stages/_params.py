@@ -148,8 +148,21 @@ def _benchmarked_batches_fit_the_engine_profile(p: Params) -> list[tuple[str, st
              f"{build.min_batch}..{build.max_batch} (runtimes.tensorrt min_batch/max_batch)")]
 
 
+def _batches_split_over_processes(p: Params) -> list[tuple[str, str]]:
+    """Every training section's batch (the global batch) splits evenly over the processes of
+    data-parallel training. nproc_per_node 0 (one per GPU) is checked when the stage starts."""
+    dist = p.common.distributed
+    processes = dist.nproc_per_node * dist.nnodes
+    if processes <= 1:
+        return []
+    return [(f"{f.name}.batch_size", f"({section.batch_size}) must be a multiple of the "
+             f"{processes} training processes (common.distributed: nnodes x nproc_per_node)")
+            for f in fields(p) if isinstance(section := getattr(p, f.name), TrainConfig)
+            and section.batch_size % processes]
+
+
 CROSS_SECTION_RULES = (_epoch_budget, _targets_support_their_precisions,
-                       _benchmarked_batches_fit_the_engine_profile)
+                       _benchmarked_batches_fit_the_engine_profile, _batches_split_over_processes)
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from pipeline.config import data_root
 from pipeline.errors import ConfigError
 from stages._params import Params, load_params
 
@@ -85,6 +86,13 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
          r"flops_target and flops_weight switch the MACs budget on together"),
         (lambda raw: raw["student_slim"].update(round_to=0),
          r"student_slim\.round_to: .*greater than or equal"),
+        (lambda raw: raw["common"].pop("distributed"), r"common\.distributed: missing key"),
+        (lambda raw: raw["common"]["distributed"].update(nproc_per_node=3),
+         r"teacher\.batch_size: \(128\) must be a multiple of the 3 training processes"),
+        (lambda raw: raw["common"]["distributed"].update(nnodes=2),
+         r"common\.distributed: nnodes=2 needs rdzv_endpoint"),
+        (lambda raw: raw["common"]["distributed"].update(rdzv_endpoint="node0"),
+         r"common\.distributed: rdzv_endpoint must be host:port"),
     ],
 )
 def test_bad_params_name_the_key_and_the_file(tmp_path, edit, message):
@@ -106,3 +114,19 @@ def test_error_from_a_profile_says_so(tmp_path):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read params file"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_a_relative_data_root_is_relative_to_the_repository_dvc_runs(monkeypatch):
+    """A queued experiment runs in a copy under .dvc/tmp/exps/; DVC names the repository in
+    DVC_ROOT, and a relative root (from params or the environment) is taken from there."""
+    data = load_params(REPO / "params.yaml").data
+    monkeypatch.setenv("DVC_ROOT", "/work/repo")
+    monkeypatch.setenv("PIPELINE_DATA_ROOT", "../shared/data")
+    assert data_root(data) == Path("/work/repo/../shared/data")
+    monkeypatch.delenv("PIPELINE_DATA_ROOT")
+    assert data_root(data) == Path("/work/repo") / data.root
+    monkeypatch.setenv("PIPELINE_DATA_ROOT", "/data/cifar")
+    assert data_root(data) == Path("/data/cifar")
+    monkeypatch.delenv("DVC_ROOT")  # a stage run by hand: relative to the working directory
+    monkeypatch.setenv("PIPELINE_DATA_ROOT", "../shared/data")
+    assert data_root(data) == Path("../shared/data")

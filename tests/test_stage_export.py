@@ -175,7 +175,9 @@ def test_main_reads_resolved_settings_and_writes_the_metrics_file(tmp_path, monk
         return {"model": name}
 
     config = export_config()
-    common = {"profile": "smoke", "seed": 0, "device": "cpu", "threads": 1}
+    common = {"profile": "smoke", "seed": 0, "device": "cpu", "threads": 1,
+              "distributed": {"nproc_per_node": 1, "nnodes": 1, "rdzv_endpoint": "",
+                              "sync_batchnorm": True, "max_restarts": 0, "timeout_s": 600}}
     for stem, content in {"common": common, "export": as_dict(config),
                           "targets/onnxruntime-cpu": as_dict(RUNTIME)}.items():
         write_json(tmp_path / "resolved" / f"{stem}.json", content)

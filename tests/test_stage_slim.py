@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_model, save_model
-from pipeline.config import RunConfig, SlimConfig
+from pipeline.config import DistributedConfig, RunConfig, SlimConfig
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import ParityError
 from pipeline.models import build_model
 from pipeline.prune.gates import attach_gates
 from stages import student_slim as slim_stage
 from stages.compression import compression_table
+
+ONE_PROCESS = DistributedConfig(nproc_per_node=1, nnodes=1, rdzv_endpoint="", sync_batchnorm=True,
+                                max_restarts=0, timeout_s=600)
 
 
 @pytest.fixture
@@ -29,7 +32,8 @@ def gated_checkpoint(tmp_path):
     meta = {"input_shape": [3, 32, 32], "top1": 0.1, "classes": list(dataset.classes)}
     save_model(tmp_path / "gated.pt", gated, spec, meta)
     settings = slim_stage.Settings(
-        common=RunConfig(seed=0, device="cpu", threads=0, profile="smoke"),
+        common=RunConfig(seed=0, device="cpu", threads=0, distributed=ONE_PROCESS,
+                         profile="smoke"),
         student_slim=SlimConfig(round_to=8, check_images=128, tolerance=1e-4))
     paths = slim_stage.Paths(dataset=tmp_path / "prepared.npz", gated=tmp_path / "gated.pt",
                              model=tmp_path / "slim.pt", metrics=tmp_path / "slim.json")
