@@ -22,6 +22,7 @@ from pipeline.export.onnx_export import (
     check_interface,
     clone,
     default_opset,
+    external_data_files,
     save_onnx,
     tensor_dims,
     verify_onnx,
@@ -121,6 +122,7 @@ def quantize_int8(proto: onnx.ModelProto, images: np.ndarray,
                 activation_type=getattr(QuantType, ACTIVATION_TYPES[settings.activation_type]))
         except Exception as err:  # noqa: BLE001 - calibration and quantizer raise many types
             raise ExportError(f"INT8 quantisation failed: {type(err).__name__}: {err}") from err
+        external_data_files(target)  # only files the quantiser wrote beside it may be read
         quantized = onnx.load(target)
     quantized = verify_onnx(quantized)
     _check_same_interface(quantized, proto)
