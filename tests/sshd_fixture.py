@@ -51,6 +51,30 @@ def tiny_onnx(checkpoint: Path, path: Path) -> Path:
     return path
 
 
+def with_card(path: Path, model: str = "m") -> Path:
+    """Give a test ONNX file a model card, as the export stage does (embedded and beside it)."""
+    import onnx
+
+    from pipeline.artifacts import precision_of
+    from pipeline.export.cards import CARD_FORMAT, embed_card, write_card
+    from pipeline.export.onnx_export import save_onnx
+
+    card = {"format": CARD_FORMAT, "model": model, "precision": precision_of(path)}
+    proto = onnx.load(path)
+    embed_card(proto, card)
+    save_onnx(proto, path)
+    write_card(path, card)
+    return path
+
+
+def tamper(path: Path) -> Path:
+    """Change one byte of a file's last metadata string (still parses, no longer its card's)."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    return path
+
+
 @dataclass(frozen=True)
 class Sshd:
     host: str  # user@127.0.0.1
