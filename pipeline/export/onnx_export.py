@@ -10,6 +10,7 @@ the requested opset, and all weights inside the one file.
 
 import collections
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -42,14 +43,34 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> o
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},), optimize=True, verbose=False)
     except Exception as err:  # noqa: BLE001 - torch.export/onnxscript raise many unrelated types
-        raise ExportError(f"torch.onnx.export (dynamo) failed for {type(model).__name__}: "
-                          f"{type(err).__name__}: {err}") from err
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX (torch.export, opset "
+                          f"{opset}): {exporter_failure(err)}. The model must trace with "
+                          "torch.export (no Python branches on tensor values) and use ops the "
+                          "ONNX exporter supports; docs/export.md") from err
     finally:
         model.train(was_training)
     proto = program.model_proto
     strip_trace_metadata(proto)
     check_interface(proto, tuple(input_shape), opset)
     return proto
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SUMMARY_CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
+
+
+def exporter_failure(err: Exception, limit: int = 400) -> str:
+    """The cause of an exporter failure in one line: its "Exception summary" (torch.onnx's
+    errors open with a page of generic advice) and the model line that raised it, without
+    terminal colours or multi-line graph dumps."""
+    text = _ANSI.sub("", str(err))
+    summary = text.partition("## Exception summary")[2].strip()
+    cause = (summary or text).strip().splitlines()[0] if (summary or text).strip() else ""
+    cause = _SUMMARY_CLASS.sub(r"\1", cause) if summary else f"{type(err).__name__}: {cause}"
+    at = re.search(r"The following call raised this error:\s*\n\s*(File .*)\n\s*(.*)", text)
+    where = f" ({at.group(1).strip()}: {at.group(2).strip()})" if at else ""
+    line = " ".join(f"{cause}{where}".split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def strip_trace_metadata(proto: onnx.ModelProto) -> None:
