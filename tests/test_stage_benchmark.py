@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from sshd_fixture import (
+    NEEDS_SSH_CLIENT,
     free_port,
     serve_sshd,
     settings_for,
@@ -140,7 +141,7 @@ def test_unavailable_target_gives_skipped_rows_with_the_reason(workspace):
     assert json.loads(out.metrics.read_text())["available"] is False
 
 
-@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+@NEEDS_SSH_CLIENT
 def test_unreachable_edge_device_gives_failed_rows_in_time(workspace, tmp_path):
     (tmp_path / "known_hosts").write_text("")
     ssh = unconfigured_ssh(host="nobody@127.0.0.1", port=free_port(),
