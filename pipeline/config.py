@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError
 
 PROFILES = ("smoke", "quick", "paper")
 DATA_ROOT_ENV = "PIPELINE_DATA_ROOT"
-STRICT = ConfigDict(extra="forbid", strict=True)
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # no inf or nan values
 Schema = TypeVar("Schema")
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -262,7 +262,20 @@ def read_params_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    _check_keys(raw, path, ())
     return raw
+
+
+def _check_keys(node: Any, path: Path, where: tuple[str, ...]) -> None:
+    """Every mapping key is a name: YAML also allows numbers, lists (`? [a, b]`) and others."""
+    children = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else ()
+    for key, value in children:
+        if isinstance(node, dict) and not isinstance(key, str):
+            at = ".".join(where) or "the top level"
+            raise ConfigError(f"{path}: {at}: key {key!r} is a {type(key).__name__}; keys are "
+                              "names (strings)")
+        _check_keys(value, path, (*where, str(key)))
 
 
 def apply_profile(raw: dict[str, Any], path: str | os.PathLike,
