@@ -9,7 +9,9 @@ Two targets share one device configuration (`SshSettings`, params `runtimes.ssh`
 Security: the system OpenSSH clients run with BatchMode (no prompts) and
 StrictHostKeyChecking=yes against the configured known_hosts file only, so an unknown or changed
 host key is a failure, never accepted. Commands are argument lists; the one string the remote
-shell parses is built from `shlex.quote`d words.
+shell parses is built from `shlex.quote`d words. Only the model, the external-data files it
+names - each a regular file in its own folder, checked before anything is copied - and the
+runner are sent; the remote temp folder is removed when the run ends, fails or is interrupted.
 """
 
 import json
