@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
+from pipeline.config import KEY_NAME
 from stages.validate_params import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,14 +87,29 @@ def mutated_text(mutation) -> tuple[str, tuple]:
     text = buffer.getvalue()
     if kind == "raw":
         text = text.replace(RAW, argument, 1)
+    if kind == "add":  # YAML may read the new key back differently (e.g. NEL as a space)
+        path = (*path[:-1], key_as_read(text, path))
     return text, path
+
+
+def key_as_read(text: str, path: tuple):
+    """The key an "add" mutation put under path[:-1], as YAML reads the text back."""
+    try:
+        parent = lookup(YAML(typ="safe").load(text), path[:-1])
+    except Exception:  # noqa: BLE001 - the stage reports text that does not load
+        return path[-1]
+    added = [key for key in parent if key not in lookup(SHIPPED, path[:-1])]
+    return added[0] if len(added) == 1 else path[-1]
 
 
 def names_the_key(message: str, path: tuple, text: str) -> bool:
     """Does the error name the mutated key (or, for YAML that does not parse, a line)?"""
     if "not valid YAML" in message:
         return re.search(r"line \d+", message) is not None
-    keys = [str(part) for part in path if not isinstance(part, int)]  # list items: their key
+    keys = [part for part in path if not isinstance(part, int)]  # list items: their key
+    if keys and not (isinstance(keys[-1], str) and KEY_NAME.fullmatch(keys[-1])):
+        return repr(keys[-1]) in message  # refused as "key ' ' is not a name"
+    keys = [str(key) for key in keys]
     if keys and keys[0] == "profiles":  # reported as the section key, with the profile named
         if len(keys) >= 2 and keys[1] not in message:
             return False
@@ -136,6 +152,8 @@ def outputs(root: Path) -> dict[str, bytes]:
 @example(("set", ("teacher", "amp"), "off"))  # YAML 1.1 would read an unquoted off as False
 @example(("delete", ("benchmark",), None))
 @example(("add", ("runtimes", "ssh"), ("colour", 1)))
+@example(("add", ("common",), ("\x85", 1)))  # YAML reads a NEL in a key as a space
+@example(("set", ("data", "root"), "\ud800"))  # not valid text
 def test_every_mutation_validates_or_names_its_key(mutation):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
