@@ -15,6 +15,7 @@ whole file. Stages read their validated sections back from resolved/<section>.js
 
 import json
 import os
+import re
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -33,7 +34,7 @@ from pipeline.errors import ConfigError
 
 PROFILES = ("smoke", "quick", "paper")
 DATA_ROOT_ENV = "PIPELINE_DATA_ROOT"
-STRICT = ConfigDict(extra="forbid", strict=True)
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # no inf or nan values
 Schema = TypeVar("Schema")
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -311,7 +312,36 @@ def read_params_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    _check_keys(raw, path, ())
     return raw
+
+
+KEY_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_keys(node: Any, path: Path, where: tuple[str, ...]) -> None:
+    """Every mapping key is a plain name, so every error can name it; YAML also allows
+    numbers, lists (`? [a, b]`), empty or blank strings and control characters. Text that is
+    not valid Unicode (a lone surrogate, written as an escape) is refused too."""
+    children = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else ()
+    at = ".".join(where) or "the top level"
+    for key, value in children:
+        if isinstance(node, dict) and not (isinstance(key, str) and KEY_NAME.fullmatch(key)):
+            raise ConfigError(f"{path}: {at}: key {key!r} is not a name; keys are made of "
+                              "letters, digits, '_' and '-'")
+        if isinstance(value, str) and not _valid_text(value):
+            raise ConfigError(f"{path}: {'.'.join((*where, str(key)))}: {value!r} is not valid "
+                              "text (a lone surrogate)")
+        _check_keys(value, path, (*where, str(key)))
+
+
+def _valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def apply_profile(raw: dict[str, Any], path: str | os.PathLike,
@@ -323,27 +353,42 @@ def apply_profile(raw: dict[str, Any], path: str | os.PathLike,
     whole, so a profile states every key of what it overrides.
     """
     profile = raw.get("profile") if profile is None else profile
-    profiles = raw.get("profiles", {})
     if profile not in PROFILES:
         raise ConfigError(f"{path}: profile: expected one of {', '.join(PROFILES)}, "
                           f"got {profile!r}")
-    if not isinstance(profiles, dict) or set(profiles) - set(PROFILES):
-        unknown = sorted(set(profiles) - set(PROFILES)) if isinstance(profiles, dict) else profiles
-        raise ConfigError(f"{path}: profiles: unknown profile(s) {unknown}; known: {PROFILES}")
+    overrides = _profile_overrides(raw.get("profiles", {}), profile, path)
     merged = json.loads(json.dumps({k: v for k, v in raw.items() if k != "profiles"},
                                    default=str))  # a deep copy in plain JSON types
     merged["profile"] = profile
     overridden: set[str] = set()
-    for section, values in (profiles.get(profile) or {}).items():
+    for section, values in overrides.items():
         where = f"profiles.{profile}.{section}"
-        if not isinstance(merged.get(section), dict) or not isinstance(values, dict):
+        if not isinstance(merged.get(section), dict):
             raise ConfigError(f"{path}: {where}: no such section to override")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: {where}: expected a mapping of the keys to override "
+                              f"(got {type(values).__name__})")
         for key, value in values.items():
             if key not in merged[section]:
                 raise ConfigError(f"{path}: {where}.{key}: unknown key (not in section {section})")
             merged[section][key] = json.loads(json.dumps(value, default=str))
             overridden.add(f"{section}.{key}")
     return merged, overridden
+
+
+def _profile_overrides(profiles: Any, profile: str, path: str | os.PathLike) -> dict[str, Any]:
+    """profiles[profile]: section -> the keys it overrides ({} when the profile sets none)."""
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: profiles: expected a mapping of profile names to their "
+                          f"overrides (got {type(profiles).__name__})")
+    unknown = sorted(set(profiles) - set(PROFILES))
+    if unknown:
+        raise ConfigError(f"{path}: profiles: unknown profile(s) {unknown}; known: {PROFILES}")
+    overrides = profiles.get(profile) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: profiles.{profile}: expected a mapping of sections to "
+                          f"override (got {type(overrides).__name__})")
+    return overrides
 
 
 @cache

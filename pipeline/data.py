@@ -35,6 +35,7 @@ class CifarLayout:
     meta_file: tuple[str, str]  # (name, md5)
     label_key: bytes  # key of the labels inside a batch
     names_key: bytes  # key of the class names inside the meta file
+    num_classes: int
 
 
 CIFAR = {
@@ -47,13 +48,13 @@ CIFAR = {
          "data_batch_4": "634d18415352ddfa80567beed471001a",
          "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb"},
         {"test_batch": "40351d587109b95175f43aff81a1287e"},
-        ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"), b"labels", b"label_names"),
+        ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"), b"labels", b"label_names", 10),
     "cifar100": CifarLayout(
         "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         "eb9058c3a382ffc7106e4002c42a8d85",
         {"train": "16019d7e3df5f24257cddd939b257f8d"},
         {"test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
-        ("meta", "7973b15100ade9c7d40fb424638fde48"), b"fine_labels", b"fine_label_names"),
+        ("meta", "7973b15100ade9c7d40fb424638fde48"), b"fine_labels", b"fine_label_names", 100),
 }
 
 
@@ -85,24 +86,95 @@ def md5sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The globals the official CIFAR pickles (Python 2, numpy) and numpy-written copies of them
+# reference: numpy array reconstruction only. Anything else - os.system, builtins.eval, any
+# class with a __reduce__ - would run code while loading, so it is refused.
+CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, bytes, str, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it references {module}.{name}; a CIFAR batch holds only dicts, lists, bytes, "
+                "numbers and numpy arrays, so nothing else is loaded (it could run code)")
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it uses persistent ids, which a CIFAR batch never has")
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR pickle, read with an unpickler that can only build plain data and arrays."""
     try:
         with path.open("rb") as handle:
-            return pickle.load(handle, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
+            content = _CifarUnpickler(handle, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
         raise DataError(f"{path}: cannot read CIFAR batch ({err})") from err
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: holds a {type(content).__name__}, expected the dict of a "
+                        "CIFAR batch")
+    return content
 
 
-def _read_cifar_split(folder: Path, names: list[str], label_key: bytes) -> ImageSplit:
+def _integer_labels(labels: object) -> bool:
+    if isinstance(labels, list):
+        return all(type(label) is int for label in labels)  # bool is not a label
+    return (isinstance(labels, np.ndarray) and labels.ndim == 1
+            and np.issubdtype(labels.dtype, np.integer))
+
+
+def _batch_arrays(path: Path, batch: dict, label_key: bytes,
+                  num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images (N, 3, 32, 32) uint8 and labels (N,) int64, after checking both."""
+    if b"data" not in batch or label_key not in batch:
+        raise DataError(f"{path}: missing b'data' or {label_key!r}; not a CIFAR batch")
+    data, labels = batch[b"data"], batch[label_key]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3 * 32 * 32 and len(data) > 0):
+        shown = (f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray)
+                 else type(data).__name__)
+        raise DataError(f"{path}: b'data' is {shown}; expected a uint8 array of shape "
+                        f"(N, 3072) with N >= 1 (32x32 RGB images, one per row)")
+    if not _integer_labels(labels):
+        raise DataError(f"{path}: {label_key!r} is not a list of integer labels")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(data):
+        raise DataError(f"{path}: {len(labels)} labels for {len(data)} images; expected one "
+                        "label per image")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if len(outside):
+        raise DataError(f"{path}: label {int(outside[0])} is outside 0..{num_classes - 1} "
+                        f"({num_classes} classes)")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_cifar_split(folder: Path, names: list[str], label_key: bytes,
+                      num_classes: int) -> ImageSplit:
     images, labels = [], []
     for name in names:
-        batch = _unpickle(folder / name)
-        if b"data" not in batch or label_key not in batch:
-            raise DataError(f"{folder / name}: missing b'data' or {label_key!r}; not a CIFAR batch")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        batch_images, batch_labels = _batch_arrays(folder / name, _unpickle(folder / name),
+                                                   label_key, num_classes)
+        images.append(batch_images)
+        labels.append(batch_labels)
     return ImageSplit(torch.from_numpy(np.concatenate(images)),
                       torch.from_numpy(np.concatenate(labels)))
+
+
+def _class_names(path: Path, meta: dict, names_key: bytes, expected: int) -> tuple[str, ...]:
+    names = meta.get(names_key)
+    if not isinstance(names, list) or not all(isinstance(n, bytes | str) for n in names):
+        raise DataError(f"{path}: {names_key!r} is not a list of class names")
+    if len(names) != expected:
+        raise DataError(f"{path}: {len(names)} class names; this dataset has {expected}")
+    return tuple(n.decode() if isinstance(n, bytes) else n for n in names)
 
 
 def _verify_checksums(folder: Path, layout: CifarLayout) -> str:
@@ -140,10 +212,10 @@ def load_cifar(root: Path, name: str, download: bool) -> Dataset:
     layout = CIFAR[name]
     folder = _ensure_cifar_files(root, layout, download)
     checksum = _verify_checksums(folder, layout)
-    train = _read_cifar_split(folder, list(layout.train_files), layout.label_key)
-    test = _read_cifar_split(folder, list(layout.test_files), layout.label_key)
-    meta = _unpickle(folder / layout.meta_file[0])
-    classes = tuple(c.decode() for c in meta[layout.names_key])
+    meta_path = folder / layout.meta_file[0]
+    classes = _class_names(meta_path, _unpickle(meta_path), layout.names_key, layout.num_classes)
+    train = _read_cifar_split(folder, list(layout.train_files), layout.label_key, len(classes))
+    test = _read_cifar_split(folder, list(layout.test_files), layout.label_key, len(classes))
     mean, std = channel_stats(train.images)
     return Dataset(name, train, test, classes, mean, std, checksum)
 
@@ -192,6 +264,10 @@ def load_imagefolder(root: Path, image_size: int, val_fraction: float, seed: int
             raise DataError(f"{class_dir}: needs at least 2 images (one per split)")
         order = torch.randperm(len(files), generator=generator).tolist()
         test_count = max(1, round(val_fraction * len(files)))
+        if test_count >= len(files):
+            raise DataError(f"{class_dir}: {len(files)} images with data.val_fraction "
+                            f"{val_fraction} leave none for training; every class needs images "
+                            "in both splits (add images or lower data.val_fraction)")
         for rank, index in enumerate(order):
             try:
                 with Image.open(files[index]) as image:
@@ -223,6 +299,15 @@ def balanced_subset(split: ImageSplit, count: int) -> ImageSplit:
     return ImageSplit(split.images[keep], split.labels[keep])
 
 
+def check_split(split: ImageSplit, name: str, limit_key: str) -> None:
+    """A split must hold images of at least two classes: one class trains and measures nothing."""
+    classes = split.labels.unique().numel()
+    if classes < 2:
+        raise DataError(f"the {name} split holds {len(split)} images of {classes} class(es); "
+                        f"expected images of at least 2 classes (check the dataset and "
+                        f"{limit_key} in params.yaml)")
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """The dataset named by the config, with train/test limits applied."""
     if cfg.dataset in CIFAR:
@@ -234,6 +319,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         dataset = load_imagefolder(data_root(cfg), cfg.image_size, cfg.val_fraction, seed)
     train = balanced_subset(dataset.train, cfg.train_limit)
     test = balanced_subset(dataset.test, cfg.test_limit)
+    check_split(train, "training", "data.train_limit")
+    check_split(test, "test", "data.test_limit")
     mean, std = channel_stats(train.images)
     return Dataset(dataset.name, train, test, dataset.classes, mean, std, dataset.checksum)
 

@@ -10,6 +10,7 @@ values it reads change - whichever profile set them.
 
 import argparse
 import logging
+import signal
 import sys
 import typing
 from collections.abc import Callable
@@ -23,15 +24,26 @@ RESOLVED = Path("resolved")
 Settings = TypeVar("Settings")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a terminated stage unwinds like Ctrl-C: temp files and folders go
+
+
 def run_main(body: Callable[[], object]) -> None:
-    """Configure logging, run the stage body, turn a PipelineError into one line and exit 2."""
+    """Configure logging, run the stage body, turn a PipelineError into one line and exit 2
+    (an interrupt or SIGTERM: one line, exit 130, after cleaning up)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         body()
     except PipelineError as err:
         logging.getLogger("stage").error("%s: %s", type(err).__name__, err)
         sys.exit(2)
+    except KeyboardInterrupt:
+        logging.getLogger("stage").error("interrupted")
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolved_files(schema: type) -> dict[str, str]:

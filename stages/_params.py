@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import (
+    PROFILES,
     BenchmarkConfig,
     CommonConfig,
     DataConfig,
@@ -68,14 +69,6 @@ def runtime_schemas() -> dict[str, type]:
         cls = target_class(name)
         schemas.setdefault(cls.settings_key, cls.Settings)
     return schemas
-
-
-def _describe(problems: list[tuple[str, str]], overridden: set[str], profile: str) -> list[str]:
-    lines = []
-    for key, message in problems:
-        set_by = next((o for o in overridden if key == o or key.startswith(o + ".")), None)
-        lines.append(f"{key}: {message}" + (f" [set by profiles.{profile}]" if set_by else ""))
-    return lines
 
 
 def _shape_problems(merged: dict[str, Any], runtimes: dict[str, type]) -> list[tuple[str, str]]:
@@ -161,20 +154,101 @@ def _batches_split_over_processes(p: Params) -> list[tuple[str, str]]:
             and section.batch_size % processes]
 
 
+# The models the pipeline trains and exports (dvc.yaml: export's foreach; each is
+# models/<m>.pt and artifacts/<m>.<precision>.onnx). A stage that makes another model adds it
+# here and to that foreach.
+PIPELINE_MODELS = ("teacher", "student_dense", "student_final")
+
+
+def _benchmarked_models_exist(p: Params) -> list[tuple[str, str]]:
+    problems = [("benchmark.models", f"{model!r} is not a model the pipeline makes; known: "
+                 f"{', '.join(PIPELINE_MODELS)}")
+                for model in p.benchmark.models if model not in PIPELINE_MODELS]
+    repeated = sorted({model for model in p.benchmark.models
+                       if p.benchmark.models.count(model) > 1})
+    problems += [("benchmark.models", f"{model!r} is listed more than once") for model in repeated]
+    return problems
+
+
+def _reported_models_are_benchmarked(p: Params) -> list[tuple[str, str]]:
+    roles = ("baseline_model", "dense_model", "pruned_model")
+    return [(f"report.{role}", f"{getattr(p.report, role)!r} is not in benchmark.models "
+             f"({', '.join(p.benchmark.models)}); the report compares benchmarked models only")
+            for role in roles if getattr(p.report, role) not in p.benchmark.models]
+
+
 CROSS_SECTION_RULES = (_epoch_budget, _targets_support_their_precisions,
-                       _benchmarked_batches_fit_the_engine_profile, _batches_split_over_processes)
+                       _benchmarked_batches_fit_the_engine_profile, _batches_split_over_processes,
+                       _benchmarked_models_exist, _reported_models_are_benchmarked)
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read, profile-merge and validate params.yaml; ConfigError naming every bad key."""
-    path = Path(path)
-    merged, overridden = apply_profile(read_params_file(path), path)
+@dataclass(frozen=True)
+class _Checked:
+    """The file's sections with one profile applied (or none: the base sections), checked."""
+
+    profile: str
+    problems: list[tuple[str, str]]  # (dotted key, what is wrong)
+    overridden: set[str]  # dotted keys the profile set
+    params: Params | None  # None when there are problems
+
+
+def _check(raw: dict[str, Any], path: Path, profile: str | None) -> _Checked:
+    merged, overridden = apply_profile(raw, path, profile)
     built, problems = _build(merged)
     params = None
     if not problems:
         params = Params(profile=merged["profile"], **built)
         problems = [problem for rule in CROSS_SECTION_RULES for problem in rule(params)]
-    if problems:
-        lines = _describe(problems, overridden, merged["profile"])
+    return _Checked(merged["profile"], problems, overridden, params if not problems else None)
+
+
+def _check_other(raw: dict[str, Any], path: Path, profile: str) -> _Checked:
+    """Like _check, with a profile that cannot even be applied reported as one problem (the
+    active profile's own such error is raised at once)."""
+    try:
+        return _check(raw, path, profile)
+    except ConfigError as err:
+        key, _, message = str(err).removeprefix(f"{path}: ").partition(": ")
+        return _Checked(profile, [(key, message)], set(), None)
+
+
+def _set_by(key: str, checked: _Checked) -> bool:
+    return any(key == o or key.startswith(o + ".") for o in checked.overridden)
+
+
+def _problem_lines(active: _Checked, base: _Checked, others: list[_Checked]) -> list[str]:
+    """Every problem once: as the active profile sees it, then base values it overrides, then
+    what only another profile would meet."""
+    lines = [f"{key}: {message}" + (f" [set by profiles.{active.profile}]"
+                                    if _set_by(key, active) else "")
+             for key, message in active.problems]
+    seen = set(active.problems)
+    for key, message in base.problems:
+        if (key, message) not in seen:
+            seen.add((key, message))
+            lines.append(f"{key}: {message} [base value; profiles.{active.profile} overrides it, "
+                         "but every value in the file must be valid]")
+    for other in others:
+        for key, message in other.problems:
+            if (key, message) not in seen:
+                seen.add((key, message))
+                where = "set by" if _set_by(key, other) else "with"
+                tag = "" if key.startswith("profiles.") else f" [{where} profiles.{other.profile}]"
+                lines.append(f"{key}: {message}{tag}")
+    return lines
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml; the Params of its active profile. The base sections and
+    every profile are validated too, so a bad value cannot wait in the file for the day its
+    profile is switched on. ConfigError naming every bad key."""
+    path = Path(path)
+    raw = read_params_file(path)
+    active = _check(raw, path, None)  # the file's own profile (a malformed one raises here)
+    base = _check({**raw, "profiles": {}}, path, active.profile)
+    others = [_check_other(raw, path, name) for name in PROFILES if name != active.profile]
+    lines = _problem_lines(active, base, others)
+    if lines:
         raise ConfigError(f"{path}: invalid parameters:\n  " + "\n  ".join(lines))
-    return params
+    assert active.params is not None  # no problems: every section was built
+    return active.params

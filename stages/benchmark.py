@@ -8,6 +8,11 @@ measuring path (targets.measure). Every row has a status - ok, skipped (target o
 not available here, with the reason) or failed (with the error) - and the provenance of the
 machine that produced it. Writes metrics/benchmark_<target>.json and
 plots/benchmark_<target>.csv.
+
+Before anything is loaded or sent to a device, every ONNX file the target will run is checked
+against its model card (sha256, embedded card, no external data); a mismatch stops the stage
+with the file named and the command that rebuilds it. Model files (models/<m>.pt) hold no code:
+they load with `torch.load(weights_only=True)`.
 """
 
 import argparse
@@ -23,9 +28,10 @@ from pipeline import provenance
 from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import BenchmarkConfig, load_section
 from pipeline.data import Dataset, balanced_subset, load_prepared
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import ArtifactIntegrityError, CheckpointError, ConfigError
+from pipeline.export.cards import load_verified_onnx
 from pipeline.flops import model_cost
-from pipeline.io import write_csv, write_json
+from pipeline.io import file_sha256, write_csv, write_json
 from stages._cli import RESOLVED, load_settings, run_main
 from targets.base import Runner, Target, TensorSpec, UnsupportedOperation
 from targets.measure import measure
@@ -126,7 +132,7 @@ def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
 COLUMNS = ("model", "target", "precision", "batch_size", "status", "reason", "top1", "agreement",
            "eval_images", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "n", "images_per_s",
            "clock", "h2d_p50_ms", "compute_p50_ms", "d2h_p50_ms", "size_mb", "macs", "params",
-           "artifact", "accuracy_note")
+           "artifact", "artifact_sha256", "accuracy_note")
 
 
 def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
@@ -137,8 +143,30 @@ def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
     return row
 
 
+def verified_artifacts(target: Target, cfg: BenchmarkConfig,
+                       out_paths: BenchPaths) -> dict[Path, str]:
+    """sha256 of every artifact the target will run that exists, each ONNX file checked against
+    its card first; ArtifactIntegrityError (with the rebuild command) on any mismatch. A missing
+    file is left to its row (failed: run the export stage)."""
+    hashes = {}
+    for model in cfg.models:
+        for precision in cfg.targets[target.name]:
+            artifact = out_paths.artifact(target, model, precision)
+            if not artifact.is_file():
+                continue
+            if target.source == "checkpoint":  # a weights-only model file, no card
+                hashes[artifact] = file_sha256(artifact)
+                continue
+            try:
+                hashes[artifact] = load_verified_onnx(artifact).card["sha256"]
+            except ArtifactIntegrityError as err:
+                raise ArtifactIntegrityError(f"{err}; rebuild it with `dvc repro "
+                                             f"export@{model}`") from None
+    return hashes
+
+
 def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfig,
-               out_paths: BenchPaths) -> list[dict]:
+               out_paths: BenchPaths, hashes: dict[Path, str]) -> list[dict]:
     """Every precision x batch size row of one model on the target (provenance added later)."""
     loaded = load_model(out_paths.models_dir / f"{model}.pt")
     evalset = eval_set(dataset, cfg.eval_images, loaded)
@@ -147,7 +175,8 @@ def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfi
     for precision in cfg.targets[target.name]:
         artifact = out_paths.artifact(target, model, precision)
         identity = {"model": model, "target": target.name, "precision": precision,
-                    "artifact": str(artifact), "macs": reference.macs,
+                    "artifact": str(artifact), "artifact_sha256": hashes.get(artifact),
+                    "macs": reference.macs,
                     "params": reference.params, "size_mb": size_mb(artifact)}
         partials = measure(target, artifact, cfg.batch_sizes, cfg.timing, evalset.feeds,
                            accuracy_through(evalset, reference, max(cfg.batch_sizes)),
@@ -157,13 +186,14 @@ def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfi
 
 
 def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dict]:
+    hashes = verified_artifacts(target, cfg, out_paths)  # before anything is loaded or sent
     availability = target.available()
     if not availability[0]:
         log.warning("target %s is not available here: %s", target.name, availability[1])
     dataset = load_prepared(out_paths.dataset)
     run_provenance = provenance.collect(target.threads, runtime=target.name)
     rows = [complete_row(partial, identity, run_provenance) for model in cfg.models
-            for partial, identity in model_rows(target, model, dataset, cfg, out_paths)]
+            for partial, identity in model_rows(target, model, dataset, cfg, out_paths, hashes)]
     write_results(rows, target.name, availability, out_paths)
     return rows
 

@@ -6,17 +6,26 @@
     prune-deploy bench m.onnx --target ssh-onnxruntime --host pi@10.0.0.2 --known-hosts kh
     prune-deploy build m.fp16.onnx --target tensorrt --out-dir engines/   # engine + its card
     prune-deploy build m.fp16.onnx --target ssh-tensorrt --host pi@jetson --known-hosts kh
+    prune-deploy bench own.onnx --target onnxruntime-cpu --no-card   # a file without a card
 
 `bench` feeds random inputs of the model's own input shape (latency does not depend on the
 values); for accuracy, use the DVC benchmark stage, which runs the test set. Targets are built
 by the same factory and measured by the same path (targets.measure) as the benchmark stage.
+Before an ONNX file is loaded or sent to a device it is checked: its external-data files must
+lie in its own folder, and it must match its model card (`<file>.card.json`, written by the
+export stage) - a file without a card is refused unless `--no-card` says to trust it, which the
+rows record. Model files (.pt) load with `torch.load(weights_only=True)`: no code runs.
 Exit status: 0 when every row is ok, 1 when a row was skipped or failed or the run failed,
-2 on bad arguments or settings. Errors are one line; `--debug` shows the traceback.
+2 on bad arguments or settings, 130 when interrupted. Errors are one line; `--debug` shows the
+traceback.
 """
 
 import argparse
 import logging
+import math
+import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +35,69 @@ import numpy as np
 
 from pipeline import provenance
 from pipeline.artifacts import card_path, precision_of
-from pipeline.config import TimingPlan
+from pipeline.config import SectionError, TimingPlan, validate
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.io import write_json
+from pipeline.io import file_sha256, write_json
 from targets.base import EngineBuilder, Target, TensorSpec
 from targets.measure import measure
 from targets.registry import make_target, target_class, target_names, target_settings
 
 log = logging.getLogger("prune-deploy")
+
+# Peak memory of one forward pass over the size of its input, as a rough upper bound for CNNs:
+# a few activations are alive at once, each up to ~20x the input (64 channels at full
+# resolution from 3-channel images). Used to refuse batch sizes that cannot fit in memory; it
+# does not promise that smaller ones do.
+MEMORY_FACTOR = 32
+
+
+class UsageError(PipelineError):
+    """The command line asks for something impossible or unsafe: exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def number(kind: type, low: float, high: float = math.inf,
+           low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` in [low, high] (or (low, high] with low_open)."""
+    bound = f"> {low:g}" if low_open else f">= {low:g}"
+    wanted = f"{'a whole number' if kind is int else 'a number'} {bound}" + (
+        f" and <= {high:g}" if high < math.inf else "")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing file")
+    return path
+
+
+def command_words(text: str) -> list[str]:
+    try:
+        words = shlex.split(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r} into words ({err})") from None
+    if not words:
+        raise argparse.ArgumentTypeError("expected a command, e.g. 'python3'")
+    return words
+
 
 # settings key of a target (its `runtimes` section) -> its settings from the command line
 SETTINGS_FROM_ARGS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -43,7 +107,7 @@ SETTINGS_FROM_ARGS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = 
                               "providers": a.providers},
     "ssh": lambda a: {"host": a.host, "port": a.port, "key_file": a.key,
                       "known_hosts": a.known_hosts, "ssh_config": a.ssh_config,
-                      "remote_python": shlex.split(a.remote_python), "remote_tmp": a.remote_tmp,
+                      "remote_python": a.remote_python, "remote_tmp": a.remote_tmp,
                       "providers": a.providers, "trtexec": a.trtexec, "threads": a.threads,
                       "connect_timeout_s": a.connect_timeout,
                       "command_timeout_s": a.command_timeout},
@@ -86,14 +150,99 @@ def random_feeds(rng: np.random.Generator):
     return feeds
 
 
+def verify_model(path: Path, trust_without_card: bool) -> dict[str, Any]:
+    """What was checked about `path` before it is loaded or sent anywhere (for the rows)."""
+    from pipeline.export.cards import load_verified_onnx
+    from pipeline.export.onnx_export import external_data_files
+
+    if path.suffix == ".pt":
+        return {"sha256": file_sha256(path), "verified_by": "weights-only load (no code runs)"}
+    external_data_files(path)  # refuses data files outside the model's folder, card or not
+    card = card_path(path)
+    if card.exists():
+        return {"sha256": load_verified_onnx(path).card["sha256"],
+                "verified_by": f"model card {card.name}"}
+    if not trust_without_card:
+        raise UsageError(f"{path}: no model card ({card.name}) beside it; ONNX files are checked "
+                         "against their card's sha256 before they are loaded or sent to a "
+                         "device. To benchmark a file of your own that has no card, pass "
+                         "--no-card (the rows record it)")
+    return {"sha256": file_sha256(path), "verified_by": "nothing (--no-card)"}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation without swapping, if the system says."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def image_input(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape of one input image and its dtype, when the file fixes them."""
+    if path.suffix == ".pt":
+        from pipeline.checkpoint import read_checkpoint
+
+        shape = read_checkpoint(path).get("meta", {}).get("input_shape")
+        return (tuple(int(v) for v in shape), np.dtype(np.float32)) if shape else None
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    from pipeline.export.onnx_export import tensor_dims
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in weights]
+    if len(inputs) != 1 or not all(isinstance(d, int) for d in tensor_dims(inputs[0])[1:]):
+        return None  # measure() names what is wrong with such inputs
+    dtype = np.dtype(tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type))
+    return tuple(tensor_dims(inputs[0])[1:]), dtype
+
+
+def check_batches_fit(batches: list[int], path: Path) -> None:
+    """UsageError for a batch size whose inputs and activations cannot fit in memory."""
+    image = image_input(path)
+    available = available_memory()
+    if image is None or available is None:
+        return
+    shape, dtype = image
+    per_image = int(np.prod(shape)) * dtype.itemsize
+    largest = available // (per_image * MEMORY_FACTOR)
+    too_big = [batch for batch in batches if batch > largest]
+    if too_big:
+        inputs = too_big[0] * per_image
+        raise UsageError(
+            f"--batch {too_big[0]}: its {dtype.name}{list(shape)} inputs take {inputs / 1e9:.2f} "
+            f"GB and a forward pass about {MEMORY_FACTOR}x that ({MEMORY_FACTOR * inputs / 1e9:.1f}"
+            f" GB); this machine has {available / 1e9:.1f} GB available, enough for batch sizes "
+            f"up to {largest}")
+
+
+def timing_plan(args: argparse.Namespace) -> TimingPlan:
+    values = {"warmup_iters": args.warmup_iters, "warmup_seconds": args.warmup_seconds,
+              "min_iters": args.min_iters, "min_seconds": args.min_seconds}
+    try:
+        return validate(TimingPlan, values, "timing")
+    except SectionError as err:
+        raise UsageError(f"timing options: {err}") from None
+
+
 def bench(args: argparse.Namespace) -> int:
     target = target_from_args(args.target, args)
-    plan = TimingPlan(args.warmup_iters, args.warmup_seconds, args.min_iters, args.min_seconds)
+    plan = timing_plan(args)
+    checked = verify_model(args.model, args.no_card)  # before anything loads or uploads it
+    check_batches_fit(args.batch, args.model)
     run = provenance.collect(target.threads, runtime=target.name)
     precision = "fp32" if args.model.suffix == ".pt" else precision_of(args.model)
     measured = measure(target, args.model, args.batch, plan, random_feeds(np.random.default_rng(0)))
-    rows = [{"model": str(args.model), "target": target.name, "precision": precision, **row,
-             "provenance": run} for row in measured]
+    rows = [{"model": str(args.model), "target": target.name, "precision": precision, **checked,
+             **row, "provenance": run} for row in measured]
     for row in rows:
         where = f"{target.name} {precision} batch {row['batch_size']:>4}"
         if row["status"] == "ok":
@@ -117,6 +266,7 @@ def build(args: argparse.Namespace) -> int:
     if not ok:
         print(f"{target.name}: skipped: {reason}")
         return 1
+    verify_model(args.model, args.no_card)  # before a build is spent on it or it is uploaded
     settings = target_settings("tensorrt", SETTINGS_FROM_ARGS["tensorrt"](args))
     engine = target.build_engine(args.model, args.out_dir, settings)
     print(f"{engine}\n{card_path(engine)}")
@@ -125,62 +275,89 @@ def build(args: argparse.Namespace) -> int:
 
 def target_options() -> argparse.ArgumentParser:
     """Settings shared by both commands (they decide availability, e.g. of the SSH targets)."""
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = Parser(add_help=False)
     group = parent.add_argument_group("target settings")
-    group.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = default)")
+    group.add_argument("--threads", type=number(int, 0), default=0,
+                       help="intra-op threads (0 = the runtime's default)")
     group.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
                        help="ONNX Runtime execution providers, in order")
     group.add_argument("--graph-optimization", default="all",
                        choices=["disable", "basic", "extended", "all"])
     group.add_argument("--host", default="", help="edge device as user@host (ssh-* targets)")
-    group.add_argument("--port", type=int, default=22)
+    group.add_argument("--port", type=number(int, 1, 65535), default=22)
     group.add_argument("--key", default="", help="ssh private key file")
     group.add_argument("--known-hosts", default="", help="known_hosts file with the device key")
     group.add_argument("--ssh-config", default="none", help="ssh -F value ('none' = ignore)")
-    group.add_argument("--remote-python", default="python3", help="device Python command")
+    group.add_argument("--remote-python", type=command_words, default=["python3"],
+                       help="device Python command")
     group.add_argument("--remote-tmp", default="/tmp", help="device folder for the temp folder")
     group.add_argument("--trtexec", default="trtexec", help="trtexec command on the device")
-    group.add_argument("--connect-timeout", type=float, default=10.0, help="seconds")
-    group.add_argument("--command-timeout", type=float, default=600.0, help="seconds")
-    group.add_argument("--device", type=int, default=0, help="CUDA device (tensorrt)")
-    group.add_argument("--min-batch", type=int, default=1, help="engine profile: smallest batch")
-    group.add_argument("--opt-batch", type=int, default=0,
+    group.add_argument("--connect-timeout", type=number(float, 0, low_open=True), default=10.0,
+                       help="seconds")
+    group.add_argument("--command-timeout", type=number(float, 0, low_open=True), default=600.0,
+                       help="seconds")
+    group.add_argument("--device", type=number(int, 0), default=0, help="CUDA device (tensorrt)")
+    group.add_argument("--min-batch", type=number(int, 1), default=1,
+                       help="engine profile: smallest batch")
+    group.add_argument("--opt-batch", type=number(int, 0), default=0,
                        help="batch TensorRT tunes for (default: --max-batch)")
-    group.add_argument("--max-batch", type=int, default=64, help="engine profile: largest batch")
-    group.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace, MiB")
+    group.add_argument("--max-batch", type=number(int, 1), default=64,
+                       help="engine profile: largest batch")
+    group.add_argument("--workspace-mib", type=number(int, 1), default=1024,
+                       help="builder workspace, MiB")
     group.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 engine layers")
     group.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     return parent
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="prune-deploy", description=__doc__.splitlines()[0])
+    root = Parser(prog="prune-deploy", description=__doc__.splitlines()[0])
     commands = root.add_subparsers(dest="command", required=True)
     commands.add_parser("targets", parents=[target_options()], help="list targets")
     run = commands.add_parser("bench", parents=[target_options()],
                               help="benchmark one model file on one target")
-    run.add_argument("model", type=Path, help=".onnx file (or .pt for torch-* targets)")
+    run.add_argument("model", type=existing_file, help=".onnx file (or .pt for torch-* targets)")
     run.add_argument("--target", required=True, help="target name (see `prune-deploy targets`)")
-    run.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes")
-    run.add_argument("--warmup-iters", type=int, default=10)
-    run.add_argument("--warmup-seconds", type=float, default=0.5)
-    run.add_argument("--min-iters", type=int, default=50)
-    run.add_argument("--min-seconds", type=float, default=2.0)
+    run.add_argument("--batch", type=number(int, 1), nargs="+", default=[1, 64],
+                     help="batch sizes (bounded by the memory available)")
+    run.add_argument("--warmup-iters", type=number(int, 0), default=10)
+    run.add_argument("--warmup-seconds", type=number(float, 0), default=0.5)
+    run.add_argument("--min-iters", type=number(int, 1), default=50)
+    run.add_argument("--min-seconds", type=number(float, 0), default=2.0)
     run.add_argument("--json", type=Path, help="also write the rows (with provenance) here")
+    run.add_argument("--no-card", action="store_true",
+                     help="benchmark an ONNX file that has no model card (a file you trust)")
     make = commands.add_parser("build", parents=[target_options()],
                                help="build a TensorRT engine and its card (tensorrt, ssh-tensorrt)")
-    make.add_argument("model", type=Path, help=".onnx file (INT8: the .int8.trt.onnx file)")
+    make.add_argument("model", type=existing_file,
+                      help=".onnx file (INT8: the .int8.trt.onnx file)")
     make.add_argument("--target", required=True, choices=["tensorrt", "ssh-tensorrt"])
     make.add_argument("--out-dir", type=Path, default=Path("."), help="folder for the engine")
+    make.add_argument("--no-card", action="store_true",
+                      help="build from an ONNX file that has no model card (a file you trust)")
     return root
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # a terminated run cleans up (temp folders on a device) as Ctrl-C
+
+
+def run_command(args: argparse.Namespace) -> int:
+    return {"targets": list_targets, "bench": bench, "build": build}[args.command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # a bad argument: one line, exit status 2
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return {"targets": list_targets, "bench": bench, "build": build}[args.command](args)
-    except ConfigError as err:
+        return run_command(args)
+    except KeyboardInterrupt:
+        print("prune-deploy: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ConfigError) as err:
+        if args.debug:
+            raise
         print(f"prune-deploy: {err}", file=sys.stderr)
         return 2
     except PipelineError as err:
@@ -188,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"prune-deploy: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001 - a bug or a library's failure: still one line
+        if args.debug:
+            raise
+        print(f"prune-deploy: unexpected {type(err).__name__}: {err} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

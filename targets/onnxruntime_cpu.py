@@ -118,9 +118,12 @@ class OnnxRuntimeCpuTarget(Target):
     def _session(self, model_path: Path, optimized_path: Path | None = None) -> Any:
         import onnxruntime
 
+        from pipeline.export.onnx_export import external_data_files
+
         self.require_available()
         if not model_path.is_file():
             raise BuildError(f"{model_path}: ONNX file not found")
+        external_data_files(model_path)  # ONNX Runtime would read any file the model names
         requested = list(self.settings.providers)
         try:
             session = onnxruntime.InferenceSession(

@@ -14,7 +14,9 @@ Two targets share one device configuration (`SshSettings`, params `runtimes.ssh`
 Security: the system OpenSSH clients run with BatchMode (no prompts) and
 StrictHostKeyChecking=yes against the configured known_hosts file only, so an unknown or changed
 host key is a failure, never accepted. Commands are argument lists; the one string the remote
-shell parses is built from `shlex.quote`d words.
+shell parses is built from `shlex.quote`d words. Only the model, the external-data files it
+names - each a regular file in its own folder, checked before anything is copied - and the
+runner are sent; the remote temp folder is removed when the run ends, fails or is interrupted.
 """
 
 import hashlib
@@ -160,16 +162,23 @@ def _tagged_result(stdout: str) -> dict[str, Any] | None:
 
 
 def model_files(onnx_path: Path) -> list[Path]:
-    """The ONNX file plus the external-data files its initializers point to."""
-    import onnx
+    """The ONNX file plus the external-data files its tensors name, each checked to be a regular
+    file in the model's own folder (pipeline.export.onnx_export.external_data_files) before
+    anything is copied: a model cannot make the benchmark upload a file from elsewhere."""
+    from pipeline.export.onnx_export import external_data_files
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    files = [Path(onnx_path)]
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            location = next(e.value for e in init.external_data if e.key == "location")
-            if (Path(onnx_path).parent / location) not in files:
-                files.append(Path(onnx_path).parent / location)
+    return [Path(onnx_path), *external_data_files(onnx_path)]
+
+
+def distinct_names(files: list[Path]) -> list[Path]:
+    """`files`, refused if two share a name: they land in one remote folder, where a model's
+    data file named like the runner would replace the code that runs on the device."""
+    seen: dict[str, Path] = {}
+    for file in files:
+        if file.name in seen:
+            raise SshError(f"{file} and {seen[file.name]} would both be copied to the device as "
+                           f"{file.name!r}; every file sent must have a name of its own")
+        seen[file.name] = file
     return files
 
 
@@ -185,7 +194,7 @@ class RemoteFolder:
                            "absolute path of plain characters")
         try:
             client.put(files, self.path)
-        except PipelineError:
+        except BaseException:  # failed or interrupted (Ctrl-C): the folder must not stay
             self.close()
             raise
 
@@ -208,8 +217,17 @@ class _SshRunner(Runner):
         self.settings, self.client = settings, SshClient(settings)
         self._specs = onnx_inputs(artifact)
         self._model = artifact.name
-        self.folder = RemoteFolder(self.client, [*extra, *model_files(artifact)])
+        files = distinct_names([*extra, *model_files(artifact)])  # refused before any upload
+        self.folder = RemoteFolder(self.client, files)
         self.device_info: dict[str, Any] = {"ssh_host": settings.where}
+        try:
+            self._start()
+        except BaseException:  # failed or interrupted: remove the folder, then report why
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        """Runs once the files are on the device (probes); the folder goes if it raises."""
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -227,11 +245,9 @@ class SshOnnxRuntimeRunner(_SshRunner):
 
     def __init__(self, settings: SshSettings, artifact: Path) -> None:
         super().__init__(settings, artifact, (RUNNER_FILE,))
-        try:
-            self.device_info.update(self._remote(["probe"], "probing the device"))
-        except PipelineError:
-            self.close()
-            raise
+
+    def _start(self) -> None:
+        self.device_info.update(self._remote(["probe"], "probing the device"))
 
     def _remote(self, args: list[str], what: str) -> dict[str, Any]:
         s = self.settings
@@ -291,13 +307,11 @@ class SshTrtexecRunner(_SshRunner):
     """TensorRT's trtexec on the device: builds an engine and times it (no outputs returned)."""
 
     def __init__(self, settings: SshSettings, artifact: Path, precision: str) -> None:
-        super().__init__(settings, artifact, ())
         self.precision = precision
-        try:
-            found, self.version = find_trtexec(self.client)
-        except PipelineError:
-            self.close()
-            raise
+        super().__init__(settings, artifact, ())
+
+    def _start(self) -> None:
+        found, self.version = find_trtexec(self.client)
         self.device_info["trtexec"] = found
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

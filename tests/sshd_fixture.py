@@ -3,7 +3,8 @@ OpenSSH server on 127.0.0.1 (own host key, own user key, own known_hosts) to act
 with a trtexec stand-in (test scaffolding) to put on it.
 
 The server runs in the foreground (`sshd -D`) from a config in a temp folder and is stopped by
-its process id. Tests that need it skip, with the reason, when sshd is absent or cannot start.
+its process id. Tests that need it skip, with the reason, when sshd is absent or cannot start -
+unless PRUNE_DEPLOY_REQUIRE_SSHD=1 (set by .ci/run), where they fail instead: CI must run them.
 """
 
 import getpass
@@ -23,6 +24,21 @@ from pipeline.checkpoint import save_model
 from pipeline.models import build_model
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+REQUIRE_SSHD = "PRUNE_DEPLOY_REQUIRE_SSHD"
+
+
+# Tests that need only the OpenSSH client; where an sshd is required, they run (and fail).
+NEEDS_SSH_CLIENT = pytest.mark.skipif(
+    (shutil.which("ssh") is None or shutil.which("scp") is None)
+    and os.environ.get(REQUIRE_SSHD) != "1",
+    reason="OpenSSH client not installed (apt-get install openssh-client)")
+
+
+def _cannot_run(reason: str) -> None:
+    """Skip the test, or fail it where an sshd is required (CI)."""
+    if os.environ.get(REQUIRE_SSHD) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_SSHD}=1: the SSH tests must run here)")
+    pytest.skip(reason)
 TINY_SPEC = {"arch": "resnet20", "num_classes": 10, "base_width": 4}
 
 
@@ -49,6 +65,30 @@ def tiny_onnx(checkpoint: Path, path: Path) -> Path:
         torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), input_names=["input"],
                           output_names=["logits"], dynamo=False,
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def with_card(path: Path, model: str = "m") -> Path:
+    """Give a test ONNX file a model card, as the export stage does (embedded and beside it)."""
+    import onnx
+
+    from pipeline.artifacts import precision_of
+    from pipeline.export.cards import CARD_FORMAT, embed_card, write_card
+    from pipeline.export.onnx_export import save_onnx
+
+    card = {"format": CARD_FORMAT, "model": model, "precision": precision_of(path)}
+    proto = onnx.load(path)
+    embed_card(proto, card)
+    save_onnx(proto, path)
+    write_card(path, card)
+    return path
+
+
+def tamper(path: Path) -> Path:
+    """Change one byte of a file's last metadata string (still parses, no longer its card's)."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
     return path
 
 
@@ -95,16 +135,16 @@ def _wait_until_listening(port: int, process: subprocess.Popen, seconds: float) 
 
 
 def start_sshd(folder: Path) -> tuple[Sshd, subprocess.Popen]:
-    """Start sshd for the current user; pytest.skip with the reason when it cannot run."""
+    """Start sshd for the current user; skip (or fail, see REQUIRE_SSHD) when it cannot run."""
     sshd = next((p for p in SSHD_CANDIDATES if Path(p).is_file()), shutil.which("sshd"))
     if sshd is None or shutil.which("ssh-keygen") is None or shutil.which("ssh") is None:
-        pytest.skip("OpenSSH server/client not installed (apt-get install openssh-server "
+        _cannot_run("OpenSSH server/client not installed (apt-get install openssh-server "
                     "openssh-client)")
     if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
         try:  # sshd running as root insists on its privilege-separation folder
             Path("/run/sshd").mkdir(mode=0o755, parents=True)
         except OSError as err:
-            pytest.skip(f"sshd needs /run/sshd and it cannot be made: {err}")
+            _cannot_run(f"sshd needs /run/sshd and it cannot be made: {err}")
     folder.mkdir(parents=True, exist_ok=True)
     _keygen(folder / "host_key")
     _keygen(folder / "user_key")
@@ -118,7 +158,7 @@ def start_sshd(folder: Path) -> tuple[Sshd, subprocess.Popen]:
         _wait_until_listening(port, process, seconds=10)
     except RuntimeError as err:
         stop_sshd(process)
-        pytest.skip(f"sshd could not start: {err}")
+        _cannot_run(f"sshd could not start: {err}")
     server = Sshd(f"{getpass.getuser()}@127.0.0.1", port, folder / "user_key",
                   folder / "known_hosts", folder)
     return server, process

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -168,3 +169,22 @@ def test_provenance_records_revision_and_tool_versions():
     assert record["tools"]["onnx"] == onnx.__version__
     assert set(record["tools"]) == {"torch", "onnx", "onnxruntime", "onnxscript", "onnxsim",
                                     "onnxslim"}
+
+
+def test_a_file_with_external_data_is_refused_even_with_a_matching_card(source, tmp_path):
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    proto = pooling_model()
+    tensor = numpy_helper.from_array(np.ones(3, np.float32), "unused")
+    set_external_data(tensor, location="unused.bin", offset=0, length=len(tensor.raw_data))
+    tensor.ClearField("raw_data")
+    proto.graph.initializer.append(tensor)
+    (tmp_path / "unused.bin").write_bytes(np.ones(3, np.float32).tobytes())
+    card = make_card(source, "fp32", 18, {}, {})
+    embed_card(proto, card)
+    path = save_onnx(proto, tmp_path / "student_final.fp32.onnx")
+    write_card(path, card)
+    with pytest.raises(ArtifactIntegrityError, match=r"tensor 'unused' keeps its data in "
+                                                     r"'unused.bin'.*sha256 covers them"):
+        load_verified_onnx(path)

@@ -93,6 +93,25 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
          r"common\.distributed: nnodes=2 needs rdzv_endpoint"),
         (lambda raw: raw["common"]["distributed"].update(rdzv_endpoint="node0"),
          r"common\.distributed: rdzv_endpoint must be host:port"),
+        # Cross-section references: models the pipeline makes, reported models benchmarked.
+        (lambda raw: raw["benchmark"].update(models=["teacher", "student_gated"]),
+         r"benchmark\.models: 'student_gated' is not a model the pipeline makes; known: "
+         r"teacher, student_dense, student_final"),
+        (lambda raw: raw["benchmark"].update(models=["teacher", "teacher", "student_dense",
+                                                     "student_final"]),
+         r"benchmark\.models: 'teacher' is listed more than once"),
+        (lambda raw: raw["report"].update(pruned_model="student_slim"),
+         r"report\.pruned_model: 'student_slim' is not in benchmark\.models \(teacher, "
+         r"student_dense, student_final\)"),
+        (lambda raw: raw["benchmark"].update(models=["student_dense", "student_final"]),
+         r"report\.baseline_model: 'teacher' is not in benchmark\.models"),
+        # Every profile and the base sections, not only the merged result of the active one.
+        (lambda raw: raw["profiles"]["paper"]["teacher"].update(lr=-1.0),
+         r"teacher\.lr: .*greater than 0 \(got -1\.0\) \[set by profiles\.paper\]"),
+        (lambda raw: raw["profiles"]["smoke"].update(data={"dataset": "mnist"}),
+         r"data\.dataset: .*\[set by profiles\.smoke\]"),
+        (lambda raw: raw["profiles"]["paper"]["student_final"].update(epochs=160),
+         r"student_dense\.epochs: \(200\) must equal .*\(210\).*\[set by profiles\.paper\]"),
     ],
 )
 def test_bad_params_name_the_key_and_the_file(tmp_path, edit, message):
@@ -130,3 +149,26 @@ def test_a_relative_data_root_is_relative_to_the_repository_dvc_runs(monkeypatch
     monkeypatch.delenv("DVC_ROOT")  # a stage run by hand: relative to the working directory
     monkeypatch.setenv("PIPELINE_DATA_ROOT", "../shared/data")
     assert data_root(data) == Path("../shared/data")
+def test_a_base_value_the_active_profile_overrides_must_still_be_valid(tmp_path):
+    def edit(raw):
+        raw["profile"] = "smoke"  # smoke sets data.synthetic_test: 128
+        raw["data"]["synthetic_test"] = 0
+
+    with pytest.raises(ConfigError, match=r"data\.synthetic_test: .*greater than or equal to 1 "
+                                          r"\(got 0\) \[base value; profiles\.smoke overrides "
+                                          r"it"):
+        load_params(write_params(tmp_path, edit))
+
+
+def test_each_problem_is_reported_once(tmp_path):
+    path = write_params(tmp_path, lambda raw: raw["common"].update(seed=-1))
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)  # the same bad seed in the base and under every profile
+    assert str(caught.value).count("common.seed") == 1
+
+
+def test_the_pipeline_models_are_the_exported_ones():
+    from stages._params import PIPELINE_MODELS
+
+    stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
+    assert tuple(stages["export"]["foreach"]) == PIPELINE_MODELS

@@ -147,3 +147,104 @@ def test_loader_is_reproducible_per_epoch_and_normalises():
                        train=False)
     x = torch.cat([x for x, _ in test])
     assert x.mean().abs() < 0.1 and (x.std() - 1).abs() < 0.1
+
+
+# --- hostile and malformed files ---
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a crafted CIFAR batch can carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    folder = write_fake_cifar10(tmp_path)
+    marker = tmp_path / "code-ran"
+    batch = {b"data": np.zeros((20, 3072), np.uint8), b"labels": [0] * 20,
+             b"batch_label": _RunsCode(marker)}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match=r"data_batch_1: cannot read CIFAR batch \(it references "
+                                        r"(posix|os)\.system"):
+        load_cifar(tmp_path, "cifar10", download=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_batches_written_at_any_pickle_protocol_load(tmp_path, protocol):
+    folder = write_fake_cifar10(tmp_path)
+    batch = {b"data": np.full((20, 3072), 7, np.uint8), b"labels": list(range(10)) * 2,
+             b"batch_label": b"training batch 1 of 5", b"filenames": [b"a.png"] * 20}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=protocol))
+    dataset = load_cifar(tmp_path, "cifar10", download=False)
+    assert dataset.train.images[:20].eq(7).all() and len(dataset.train) == 100
+
+
+def rewrite_batch(folder, name="data_batch_2", **changes):
+    batch = pickle.loads((folder / name).read_bytes())
+    batch.update({key.encode(): value for key, value in changes.items()})
+    (folder / name).write_bytes(pickle.dumps(batch))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"data": np.zeros((20, 3072), np.float32)},
+     r"b'data' is float32 \(20, 3072\); expected a uint8 array of shape \(N, 3072\)"),
+    ({"data": np.zeros((20, 1024), np.uint8)}, r"b'data' is uint8 \(20, 1024\)"),
+    ({"data": np.zeros((0, 3072), np.uint8), "labels": []},
+     r"b'data' is uint8 \(0, 3072\).*with N >= 1"),
+    ({"data": [1, 2, 3]}, r"b'data' is list"),
+    ({"labels": [1] * 19}, r"19 labels for 20 images"),
+    ({"labels": [10] * 20}, r"label 10 is outside 0\.\.9 \(10 classes\)"),
+    ({"labels": [-1] * 20}, r"label -1 is outside"),
+    ({"labels": ["cat"] * 20}, r"b'labels' is not a list of integer labels"),
+    ({"labels": np.zeros(20, np.float32)}, r"b'labels' is not a list of integer labels"),
+])
+def test_batch_content_is_checked_and_the_file_named(tmp_path, changes, message):
+    folder = write_fake_cifar10(tmp_path)
+    rewrite_batch(folder, **changes)
+    with pytest.raises(DataError, match=r"data_batch_2: " + message):
+        load_cifar(tmp_path, "cifar10", download=False)
+
+
+def test_meta_file_must_name_every_class(tmp_path):
+    folder = write_fake_cifar10(tmp_path)
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"] * 9}))
+    with pytest.raises(DataError, match=r"batches.meta: 9 class names; this dataset has 10"):
+        load_cifar(tmp_path, "cifar10", download=False)
+    (folder / "batches.meta").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DataError, match=r"batches.meta: holds a list, expected the dict"):
+        load_cifar(tmp_path, "cifar10", download=False)
+
+
+def image_classes(root, counts: dict[str, int]):
+    from PIL import Image
+
+    for name, count in counts.items():
+        (root / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_split_without_training_images_is_a_named_error(tmp_path):
+    image_classes(tmp_path, {"cats": 2, "dogs": 10})
+    # 90 % of 2 images rounds to 2: no training image of cats would be left.
+    with pytest.raises(DataError, match=r"cats: 2 images with data.val_fraction 0.9 leave none "
+                                        r"for training"):
+        load_imagefolder(tmp_path, image_size=8, val_fraction=0.9, seed=0)
+
+
+def test_imagefolder_with_one_class_is_a_named_error(tmp_path):
+    image_classes(tmp_path, {"cats": 4})
+    with pytest.raises(DataError, match=r"one sub-folder per class \(found 1\)"):
+        load_imagefolder(tmp_path, image_size=8, val_fraction=0.25, seed=0)
+
+
+def test_limits_that_leave_one_class_are_refused():
+    with pytest.raises(DataError, match=r"the test split holds 1 images of 1 class\(es\).*"
+                                        r"data\.test_limit"):
+        load_dataset(data_config(test_limit=1), seed=0)

@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pipeline.errors import ModelError
 from pipeline.flops import count_macs
@@ -226,3 +228,68 @@ def test_summary_is_json_able_and_consistent(make_gated):
     assert summary["groups"]["conv1"] == {"kept": gated.kept_channels()["conv1"], "width": 16}
     assert summary["full_macs"] == gated.full_macs
     assert 0 < summary["macs_fraction"] < 1
+
+
+# ------------------------------------------------------- models the gates cannot prune exactly
+class ChannelsLastNorm(nn.Module):
+    """ConvNeXt's pattern: normalise over the channel axis of an NCHW tensor."""
+
+    def __init__(self, channels: int, functional: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.functional = functional
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, x.shape[-1:]) if self.functional else self.norm(x)
+        return x.permute(0, 3, 1, 2)
+
+
+def small_net(norm: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize(("norm", "message"), [
+    (ChannelsLastNorm(8), r"its channels pass 1\.norm, and LayerNorm over \(8,\) normalises "
+                          r"across them"),
+    (ChannelsLastNorm(8, functional=True), r"its channels pass a function call after 0, and "
+                                           r"F\.layer_norm normalises across them"),
+    (nn.GroupNorm(2, 8), r"its channels pass 1, and GroupNorm normalises its 2 groups of 4 "
+                         r"channels together"),
+    (nn.GroupNorm(8, 8), r"its channels pass 1, and GroupNorm's group count cannot shrink"),
+])
+def test_channel_mixing_normalisation_is_refused_when_gates_attach(norm, message):
+    with pytest.raises(ModelError, match=r"cannot gate the channel group 0 of Sequential: "
+                                         + message):
+        attach_gates(small_net(norm), torch.zeros(1, 3, 16, 16))
+
+
+def test_per_channel_normalisation_is_gated_and_slims_exactly():
+    from pipeline.prune.slimming import exactness, slim
+
+    gated = attach_gates(small_net(nn.InstanceNorm2d(8, affine=True)), torch.zeros(1, 3, 16, 16),
+                         generator=torch.Generator().manual_seed(0))
+    slim_model, _ = slim(gated.eval(), round_to=1)
+    assert exactness(gated, slim_model, torch.randn(4, 3, 16, 16))[1] < 1e-5
+
+
+def test_convnext_is_refused_before_training_with_the_layer_named():
+    import torchvision
+
+    model = torchvision.models.convnext_tiny(num_classes=10)
+    with pytest.raises(ModelError, match=r"of ConvNeXt: its channels pass features\.\d\.\d\."
+                                         r"block\.2, and LayerNorm over \(\d+,\) normalises"):
+        attach_gates(model, torch.zeros(1, 3, 32, 32))
+
+
+def test_a_channel_shuffle_is_a_model_error_naming_model_layer_and_reason():
+    import torchvision
+
+    model = torchvision.models.shufflenet_v2_x1_0(num_classes=10)
+    with pytest.raises(ModelError, match=r"cannot find the channel groups of ShuffleNetV2 at a "
+                                         r"reshape after stage\d\.\d\.branch\d\.\d+: a channel "
+                                         r"shuffle .* is not supported \(Torch-Pruning: "
+                                         r"ZeroDivisionError"):
+        attach_gates(model, torch.zeros(1, 3, 32, 32))

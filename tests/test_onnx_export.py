@@ -160,3 +160,39 @@ def test_simplifiers_shrink_the_graph_and_keep_its_function(exported, simplifier
 def test_unknown_simplifier_is_an_export_error(exported):
     with pytest.raises(ExportError, match="unknown simplifier 'polygraphy'"):
         simplify(exported, "polygraphy")
+
+
+class BranchOnValues(nn.Module):
+    """A Python `if` on a tensor value: torch.export cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            return y.mean((2, 3))
+        return y.amax((2, 3))
+
+
+def test_an_export_failure_says_what_and_where_in_one_line():
+    with pytest.raises(ExportError) as caught:
+        export_onnx(BranchOnValues(), (3, 8, 8), 18)
+    message = str(caught.value)
+    assert message.startswith("cannot export BranchOnValues to ONNX (torch.export, opset 18): ")
+    assert "data-dependent" in message and "in forward: if y.sum() > 0:" in message
+    assert "\n" not in message and "\x1b" not in message and "Next steps" not in message
+    assert len(message) < 700
+
+
+def test_exporter_failure_keeps_the_summary_and_drops_the_advice():
+    from pipeline.export.onnx_export import exporter_failure
+
+    text = ("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m. Next steps:\n- a\n- b\n\n"
+            "## Exception summary\n\n<class 'torch.onnx._internal.exporter._errors."
+            "DispatchError'>: No ONNX function found for aten.foo\n\n(Refer to the trace.)")
+    assert exporter_failure(RuntimeError(text)) == ("DispatchError: No ONNX function found for "
+                                                    "aten.foo")
+    assert exporter_failure(ValueError("short\nsecond line")) == "ValueError: short"
+    assert exporter_failure(ValueError("x" * 1000)).endswith("...")

@@ -1,4 +1,6 @@
-"""`dvc repro` on the smoke profile, in a scratch copy of the repository."""
+"""The whole pipeline on the smoke profile, in a scratch git repository: started the way the
+README documents (`dvc exp run -S profile=smoke` from a clean, committed workspace), then
+`dvc repro` for the rest."""
 
 import json
 import os
@@ -9,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "stages", "targets", "dvc.yaml", "params.yaml", ".dvc/config",
                  ".dvcignore", ".gitignore", "pyproject.toml"]
-OUTPUT_DIRS = ["models", "metrics", "artifacts", "plots", "reports", "data", "checkpoints"]
+OUTPUT_DIRS = ["models", "metrics", "artifacts", "plots", "reports", "data", "checkpoints",
+               "resolved"]
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +45,25 @@ def smoke_repo(tmp_path_factory) -> Path:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
-    params = workdir / "params.yaml"
-    params.write_text(params.read_text().replace("profile: quick", "profile: smoke", 1))
-    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
-    first = dvc(workdir, "repro")
+    for command in (["init", "-q"], ["config", "user.name", "e2e test"],
+                    ["config", "user.email", "e2e@example.invalid"],
+                    ["config", "commit.gpgsign", "false"], ["add", "-A"],
+                    ["commit", "-q", "-m", "scratch copy"]):
+        subprocess.run(["git", *command], cwd=workdir, check=True, capture_output=True)
+    # The documented profile switch: DVC rewrites params.yaml (YAML 1.2, quotes dropped where
+    # not needed, e.g. amp: "off" -> amp: off) and the stages must read what DVC wrote.
+    first = dvc(workdir, "exp", "run", "-S", "profile=smoke")
     assert first.returncode == 0, first.stdout + first.stderr
     return workdir
+
+
+def test_the_documented_profile_switch_runs_from_a_clean_workspace(smoke_repo):
+    params = (smoke_repo / "params.yaml").read_text()
+    assert "profile: smoke" in params
+    assert re.search(r"^  amp: off\b", params, re.MULTILINE), "DVC kept the quotes; test moot"
+    assert json.loads((smoke_repo / "resolved" / "common.json").read_text())["profile"] == "smoke"
+    assert json.loads((smoke_repo / "resolved" / "teacher.json").read_text())["amp"] == "off"
+    assert json.loads((smoke_repo / "metrics" / "teacher.json").read_text())["epochs"] == 2
 
 
 def test_smoke_repro_writes_the_teacher_metrics(smoke_repo):
@@ -173,21 +190,35 @@ def test_a_code_edit_reruns_only_the_stages_that_run_it(smoke_repo, module, expe
     assert stages_run(edited) == expected
 
 
+def set_param(path: Path, keys: tuple, value) -> None:
+    """Set one value the way `dvc exp run -S` does (ruamel.yaml round trip)."""
+    yaml = YAML()
+    document = yaml.load(path.read_text())
+    node = document
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    with path.open("w") as handle:
+        yaml.dump(document, handle)
+
+
 @pytest.mark.parametrize(
-    ("old", "new", "key"),
+    ("keys", "value", "key"),
     # The smoke profile sets the teacher's lr, so that is where a bad one takes effect.
-    [("arch: resnet32, epochs: 2, batch_size: 64, lr: 0.02",
-      "arch: resnet32, epochs: 2, batch_size: 64, lr: -0.02", "teacher.lr"),
-     ("arch: resnet32, epochs: 2, batch_size: 64, lr: 0.02",
-      "arch: resnet32, epochs: 2, batch_size: 64, lr: fast", "teacher.lr"),
-     ("  seed: 0 ", "  seed: 0\n  colour: red ", "common.colour")],
+    [(("profiles", "smoke", "teacher", "lr"), -0.02, "teacher.lr"),
+     (("profiles", "smoke", "teacher", "lr"), "fast", "teacher.lr"),
+     (("common", "colour"), "red", "common.colour"),
+     # Cross-section references, checked before DVC deletes any output.
+     (("benchmark", "models"), ["teacher", "student_gated"], "benchmark.models"),
+     (("report", "pruned_model"), "student_slim", "report.pruned_model"),
+     # A base value the active profile overrides must be valid too.
+     (("data", "synthetic_test"), 0, "data.synthetic_test")],
 )
-def test_bad_params_stop_with_the_key_and_touch_nothing(smoke_repo, old, new, key):
+def test_bad_params_stop_with_the_key_and_touch_nothing(smoke_repo, keys, value, key):
     params = smoke_repo / "params.yaml"
     good = params.read_text()
-    assert old in good
-    before = snapshot(smoke_repo)
-    params.write_text(good.replace(old, new, 1))
+    before = snapshot(smoke_repo)  # resolved/ included: the last valid settings stay
+    set_param(params, keys, value)
     try:
         result = dvc(smoke_repo, "repro")
     finally:

@@ -2,7 +2,8 @@
 on 127.0.0.1 standing in for the device, with this venv's Python as the device's Python."""
 
 import json
-import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,16 +12,19 @@ import numpy as np
 import onnxruntime
 import pytest
 from sshd_fixture import (
+    NEEDS_SSH_CLIENT,
     free_port,
     install_trtexec_standin,
     serve_sshd,
     settings_for,
+    tamper,
     tiny_checkpoint,
     tiny_onnx,
     unconfigured_ssh,
+    with_card,
 )
 
-from pipeline.errors import TargetUnavailable
+from pipeline.errors import ArtifactIntegrityError, TargetUnavailable
 from pipeline.timing import TimingPlan, run_plan
 from targets import remote_runner
 from targets.ssh import (
@@ -31,10 +35,8 @@ from targets.ssh import (
     UnsupportedOperation,
 )
 
-NEEDS_SSH_CLIENT = pytest.mark.skipif(
-    shutil.which("ssh") is None or shutil.which("scp") is None,
-    reason="OpenSSH client not installed (apt-get install openssh-client)")
 PLAN = TimingPlan(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -221,4 +223,133 @@ def test_trtexec_over_ssh_parses_times_and_device(sshd_server, onnx_file, tmp_pa
     assert "--help" in args  # the version probe
     assert {*typing, "--shapes=input:2x3x32x32", "--warmUp=10"} <= set(args)
     assert not set(absent) & set(args)
+    assert leftover_folders(sshd_server) == []
+
+
+# --- nothing leaves the machine unasked, and nothing stays on the device ---
+
+def files_holding(folder: Path, content: bytes) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and content in p.read_bytes()]
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    path = tmp_path / "home" / ".ssh" / "id_ed25519"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY----- not for the device")
+    return path
+
+
+def model_naming(folder: Path, location: str) -> Path:
+    """A valid ONNX model whose one initializer keeps its bytes in the file `location` names."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    tensor = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    set_external_data(tensor, location=location, offset=0, length=12)
+    tensor.ClearField("raw_data")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input", "w"], ["logits"])], "add",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], [tensor])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "m.fp32.onnx"
+    path.write_bytes(helper.make_model(graph, ir_version=10).SerializeToString())
+    return path
+
+
+@pytest.mark.edge
+@pytest.mark.parametrize("kind", ["absolute", "parent", "symlink"])
+def test_a_hostile_external_data_location_uploads_nothing(sshd_server, tmp_path, secret, kind):
+    folder = tmp_path / "model"
+    location = {"absolute": str(secret), "parent": "../home/.ssh/id_ed25519",
+                "symlink": "w.data"}[kind]
+    model = model_naming(folder, location)
+    if kind == "symlink":
+        (folder / "w.data").symlink_to(secret)
+    for target_class in (SshOnnxRuntimeTarget, SshTensorRtTarget):
+        with pytest.raises(ArtifactIntegrityError, match=r"tensor 'w' names external data"):
+            target_class(settings_for(sshd_server)).load(model)
+    assert leftover_folders(sshd_server) == []  # refused before a temp folder was even made
+    assert files_holding(sshd_server.folder, secret.read_bytes()) == []
+
+
+def cli_ssh(server, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "targets.cli", "bench", str(model), "--target",
+            "ssh-onnxruntime", "--host", server.host, "--port", str(server.port), "--key",
+            str(server.key_file), "--known-hosts", str(server.known_hosts), "--remote-python",
+            sys.executable, "--remote-tmp", str(server.folder), "--threads", "1", "--batch", "2",
+            "--warmup-iters", "0", "--warmup-seconds", "0", "--min-iters", "2",
+            "--min-seconds", "0", *extra]
+
+
+def carded_copy(onnx_file: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / "m.fp32.onnx"
+    copy.write_bytes(onnx_file.read_bytes())
+    return with_card(copy)
+
+
+@pytest.mark.edge
+def test_cli_refuses_a_mismatched_or_uncarded_file_before_uploading(sshd_server, onnx_file,
+                                                                     tmp_path):
+    model = carded_copy(onnx_file, tmp_path / "a")
+    tamper(model)
+    done = subprocess.run(cli_ssh(sshd_server, model), capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 1 and "does not match its card's" in done.stderr
+    uncarded = tmp_path / "b" / "m.fp32.onnx"
+    uncarded.parent.mkdir()
+    uncarded.write_bytes(onnx_file.read_bytes())
+    done = subprocess.run(cli_ssh(sshd_server, uncarded), capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "--no-card" in done.stderr
+    assert leftover_folders(sshd_server) == []
+
+
+def device_python(folder: Path, on_bench: str) -> Path:
+    """The device's Python, except that `bench` runs the shell command `on_bench` instead."""
+    wrapper = folder / "device_python"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = bench ] && {{ {on_bench}; }}; done\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.mark.edge
+def test_a_failed_run_removes_the_remote_folder(sshd_server, onnx_file, tmp_path):
+    model = carded_copy(onnx_file, tmp_path / "m")
+    python = device_python(tmp_path, "echo 'benchmark broke on purpose' >&2; exit 7")
+    done = subprocess.run([*cli_ssh(sshd_server, model), "--remote-python", str(python)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 1
+    assert "failed: SshError: benchmark failed on" in done.stdout
+    assert "benchmark broke on purpose" in done.stdout
+    assert leftover_folders(sshd_server) == []
+
+
+@pytest.mark.edge
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_removes_the_remote_folder(sshd_server, onnx_file, tmp_path,
+                                                      signal_number):
+    model = carded_copy(onnx_file, tmp_path / "m")
+    python = device_python(tmp_path, "exec sleep 30")  # a benchmark that is still running
+    process = subprocess.Popen([*cli_ssh(sshd_server, model), "--remote-python", str(python)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(sshd_server.folder.glob("prune-deploy.*/feeds.npz")):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the benchmark never started on the device"
+            time.sleep(0.1)
+        time.sleep(0.5)  # the remote benchmark command is running now
+        process.send_signal(signal_number)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130 and err.strip().endswith("prune-deploy: interrupted")
+    assert "Traceback" not in err
     assert leftover_folders(sshd_server) == []

@@ -11,17 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 from sshd_fixture import (
+    NEEDS_SSH_CLIENT,
     free_port,
     serve_sshd,
     settings_for,
+    tamper,
     tiny_checkpoint,
     tiny_onnx,
     unconfigured_ssh,
+    with_card,
 )
 
 from pipeline.checkpoint import load_model
 from pipeline.config import BenchmarkConfig, TimingPlan
 from pipeline.data import make_synthetic, save_prepared
+from pipeline.errors import ArtifactIntegrityError
+from pipeline.io import file_sha256
 from stages.benchmark import BenchPaths, run
 from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
 from targets.registry import make_target
@@ -43,7 +48,7 @@ def workspace(tmp_path_factory) -> Path:
     (root / "artifacts").mkdir()
     for model, width in zip(MODELS, (8, 4), strict=True):
         checkpoint = tiny_checkpoint(root / "models" / f"{model}.pt", base_width=width)
-        tiny_onnx(checkpoint, root / "artifacts" / f"{model}.fp32.onnx")
+        with_card(tiny_onnx(checkpoint, root / "artifacts" / f"{model}.fp32.onnx"), model)
     return root
 
 
@@ -102,6 +107,7 @@ def test_onnxruntime_rows_and_a_missing_artifact(workspace):
     fp32, int8 = rows
     assert fp32["status"] == "ok" and fp32["agreement"] >= 0.9
     assert fp32["artifact"].endswith("teacher.fp32.onnx")
+    assert fp32["artifact_sha256"] == file_sha256(workspace / "artifacts" / "teacher.fp32.onnx")
     assert int8["status"] == "failed" and "teacher.int8.onnx not found" in int8["reason"]
     assert int8["p50_ms"] is None
 
@@ -118,6 +124,7 @@ def test_static_batch_artifact_skips_other_batch_sizes(workspace, tmp_path):
         torch.onnx.export(load_model(checkpoint).model, (torch.zeros(1, 3, 32, 32),),
                           str(root / "artifacts" / "teacher.fp32.onnx"), input_names=["input"],
                           output_names=["logits"], dynamo=False)
+    with_card(root / "artifacts" / "teacher.fp32.onnx", "teacher")
     rows = run(config({"onnxruntime-cpu": ("fp32",)}, eval_images=5, models=("teacher",)),
                target("onnxruntime-cpu"), paths(root, "onnxruntime-cpu"))
     assert [(r["batch_size"], r["status"]) for r in rows] == [(1, "ok"), (4, "skipped")]
@@ -134,7 +141,7 @@ def test_unavailable_target_gives_skipped_rows_with_the_reason(workspace):
     assert json.loads(out.metrics.read_text())["available"] is False
 
 
-@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+@NEEDS_SSH_CLIENT
 def test_unreachable_edge_device_gives_failed_rows_in_time(workspace, tmp_path):
     (tmp_path / "known_hosts").write_text("")
     ssh = unconfigured_ssh(host="nobody@127.0.0.1", port=free_port(),
@@ -157,3 +164,42 @@ def test_edge_device_over_ssh(workspace, sshd_server):
     assert rows[0]["agreement"] >= 0.9 and rows[1]["n"] == 2
     device = rows[0]["provenance"]["device"]
     assert device["onnxruntime"] and device["ssh_host"] == f"{s.host}:{s.port}"
+
+
+def copy_of(workspace: Path, folder: Path) -> Path:
+    """The workspace's inputs (not the results other tests wrote into it)."""
+    shutil.copytree(workspace, folder, ignore=shutil.ignore_patterns("metrics", "plots"))
+    return folder
+
+
+@pytest.mark.parametrize("target_name", ["onnxruntime-cpu", "ssh-onnxruntime"])
+def test_an_artifact_that_does_not_match_its_card_stops_the_stage(workspace, tmp_path,
+                                                                   target_name):
+    root = copy_of(workspace, tmp_path / "ws")
+    tamper(root / "artifacts" / "student_final.fp32.onnx")
+    out = paths(root, target_name)
+    with pytest.raises(ArtifactIntegrityError, match=r"student_final\.fp32\.onnx: sha256 \w+ "
+                                                     r"does not match its card's .*rebuild it "
+                                                     r"with `dvc repro export@student_final`"):
+        run(config({target_name: ("fp32",)}), target(target_name), out)
+    assert not out.metrics.exists()
+
+
+def test_an_artifact_without_its_card_stops_the_stage(workspace, tmp_path):
+    root = copy_of(workspace, tmp_path / "ws")
+    (root / "artifacts" / "teacher.fp32.card.json").unlink()
+    with pytest.raises(ArtifactIntegrityError, match=r"teacher\.fp32\.card\.json: model card not "
+                                                     r"found.*`dvc repro export@teacher`"):
+        run(config({"onnxruntime-cpu": ("fp32",)}), target("onnxruntime-cpu"),
+            paths(root, "onnxruntime-cpu"))
+
+
+@pytest.mark.edge
+def test_a_mismatched_artifact_is_never_uploaded(workspace, sshd_server, tmp_path):
+    root = copy_of(workspace, tmp_path / "ws")
+    tamper(root / "artifacts" / "teacher.fp32.onnx")
+    with pytest.raises(ArtifactIntegrityError, match="does not match its card"):
+        run(config({"ssh-onnxruntime": ("fp32",)}), target("ssh-onnxruntime",
+                                                           settings_for(sshd_server)),
+            paths(root, "ssh-onnxruntime"))
+    assert sorted(sshd_server.folder.glob("prune-deploy.*")) == []  # no temp folder was made

@@ -10,7 +10,13 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.errors import BuildError, ConfigError, FeedError, TargetUnavailable
+from pipeline.errors import (
+    ArtifactIntegrityError,
+    BuildError,
+    ConfigError,
+    FeedError,
+    TargetUnavailable,
+)
 from pipeline.export.onnx_export import save_onnx
 from pipeline.export.quantize import convert_fp16
 from targets.base import Target
@@ -184,12 +190,12 @@ def test_fp16_file_runs_with_float32_io(model_path, tmp_path):
                                    fp32.infer({"input": x})["logits"], rtol=0, atol=2e-2)
 
 
-def test_unloadable_files_are_build_errors(tmp_path):
+def test_unloadable_files_are_refused(tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not an onnx model at all")
     target = OnnxRuntimeCpuTarget(settings())
-    with pytest.raises(BuildError, match="ONNX Runtime cannot load it"):
-        target.load(garbage)
+    with pytest.raises(ArtifactIntegrityError, match="not a valid ONNX model"):
+        target.load(garbage)  # parsed for its external-data files before ONNX Runtime sees it
     with pytest.raises(BuildError, match="ONNX file not found"):
         target.build(tmp_path / "missing.onnx", tmp_path)
 

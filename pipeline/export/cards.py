@@ -26,7 +26,12 @@ import onnx
 from pipeline.artifacts import card_path
 from pipeline.checkpoint import LoadedModel
 from pipeline.errors import ArtifactIntegrityError, CheckpointError
-from pipeline.export.onnx_export import BATCH_DIM, INPUT_NAME, OUTPUT_NAME
+from pipeline.export.onnx_export import (
+    BATCH_DIM,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    external_data_locations,
+)
 from pipeline.io import file_sha256, write_json
 
 CARD_FORMAT = "prune-deploy/card/1"
@@ -136,13 +141,24 @@ def read_card(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse and check an ONNX file; a truncated or garbage file is an ArtifactIntegrityError."""
+    """Parse and check a single-file ONNX model; a truncated or garbage file, or one that keeps
+    weights in other files (which no card's hash covers), is an ArtifactIntegrityError."""
     from google.protobuf.message import DecodeError
 
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as err:
+        raise ArtifactIntegrityError(f"{path}: not a valid ONNX model "
+                                     f"({type(err).__name__}: {err})") from err
+    external = external_data_locations(model)
+    if external:
+        tensor, location = external[0]
+        raise ArtifactIntegrityError(f"{path}: tensor {tensor!r} keeps its data in {location!r}; "
+                                     "a shipped file holds all its weights, so that its card's "
+                                     "sha256 covers them")
+    try:
         onnx.checker.check_model(model)
-    except (DecodeError, onnx.checker.ValidationError, RuntimeWarning, ValueError) as err:
+    except (onnx.checker.ValidationError, RuntimeWarning, ValueError) as err:
         raise ArtifactIntegrityError(f"{path}: not a valid ONNX model "
                                      f"({type(err).__name__}: {err})") from err
     return model

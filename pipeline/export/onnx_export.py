@@ -10,7 +10,10 @@ the requested opset, and all weights inside the one file.
 
 import collections
 import os
-from pathlib import Path
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -18,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from pipeline.errors import ExportError
+from pipeline.errors import ArtifactIntegrityError, ExportError
 from pipeline.io import atomic_write_bytes
 
 INPUT_NAME = "input"
@@ -40,14 +43,34 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> o
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},), optimize=True, verbose=False)
     except Exception as err:  # noqa: BLE001 - torch.export/onnxscript raise many unrelated types
-        raise ExportError(f"torch.onnx.export (dynamo) failed for {type(model).__name__}: "
-                          f"{type(err).__name__}: {err}") from err
+        raise ExportError(f"cannot export {type(model).__name__} to ONNX (torch.export, opset "
+                          f"{opset}): {exporter_failure(err)}. The model must trace with "
+                          "torch.export (no Python branches on tensor values) and use ops the "
+                          "ONNX exporter supports; docs/export.md") from err
     finally:
         model.train(was_training)
     proto = program.model_proto
     strip_trace_metadata(proto)
     check_interface(proto, tuple(input_shape), opset)
     return proto
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SUMMARY_CLASS = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
+
+
+def exporter_failure(err: Exception, limit: int = 400) -> str:
+    """The cause of an exporter failure in one line: its "Exception summary" (torch.onnx's
+    errors open with a page of generic advice) and the model line that raised it, without
+    terminal colours or multi-line graph dumps."""
+    text = _ANSI.sub("", str(err))
+    summary = text.partition("## Exception summary")[2].strip()
+    cause = (summary or text).strip().splitlines()[0] if (summary or text).strip() else ""
+    cause = _SUMMARY_CLASS.sub(r"\1", cause) if summary else f"{type(err).__name__}: {cause}"
+    at = re.search(r"The following call raised this error:\s*\n\s*(File .*)\n\s*(.*)", text)
+    where = f" ({at.group(1).strip()}: {at.group(2).strip()})" if at else ""
+    line = " ".join(f"{cause}{where}".split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def strip_trace_metadata(proto: onnx.ModelProto) -> None:
@@ -144,3 +167,95 @@ def save_onnx(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
         raise ExportError(f"{path}: model too large for a single-file ONNX ({err})") from err
     atomic_write_bytes(path, data)
     return path
+
+
+# ------------------------------------------------------------------------------ external data
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers, sparse ones, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        for sparse in [*([attribute.sparse_tensor] if attribute.HasField("sparse_tensor")
+                         else []), *attribute.sparse_tensors]:
+            yield from (sparse.values, sparse.indices)
+        for graph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+            yield from _graph_tensors(graph)
+
+
+def _model_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+    for info in proto.training_info:
+        yield from _graph_tensors(info.initialization)
+        yield from _graph_tensors(info.algorithm)
+
+
+def external_data_locations(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(tensor name, `location` field) of every tensor whose bytes live in another file."""
+    found = []
+    for tensor in _model_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            found.append((tensor.name, entries.get("location", "")))
+    return found
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(os.fspath(path), load_external_data=False)
+    except (OSError, DecodeError, ValueError) as err:
+        raise ArtifactIntegrityError(f"{path}: not a valid ONNX model "
+                                     f"({type(err).__name__}: {err})") from err
+
+
+def _confined_file(model: Path, tensor: str, location: str) -> Path:
+    """The file `location` names, if it is a regular file of its own in the model's folder."""
+    folder = model.parent
+    where = f"{model}: tensor {tensor!r} names external data {location!r}, which"
+    allowed = (f"an external-data location must be the plain name of a regular file in the "
+               f"model's own folder ({folder})")
+    if (not location or location in (".", "..") or PurePosixPath(location).name != location
+            or "\\" in location or "\0" in location):
+        raise ArtifactIntegrityError(f"{where} is not a plain file name; {allowed}")
+    path = folder / location
+    try:
+        mode = path.lstat().st_mode
+    except OSError as err:
+        raise ArtifactIntegrityError(f"{where} cannot be read ({err.strerror}); "
+                                     f"{allowed}") from err
+    if stat.S_ISLNK(mode):
+        raise ArtifactIntegrityError(f"{where} is a symbolic link; {allowed}")
+    if not stat.S_ISREG(mode):
+        raise ArtifactIntegrityError(f"{where} is not a regular file; {allowed}")
+    if path.resolve().parent != folder.resolve():
+        raise ArtifactIntegrityError(f"{where} resolves outside {folder}; {allowed}")
+    return path
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files an ONNX file's tensors keep their bytes in, each checked before anything reads
+    or copies it: a plain file name (no directory, no `..`, not absolute) of a regular file,
+    not a symbolic link, in the model's own folder. A model that names anything else - e.g.
+    `/home/u/.ssh/id_ed25519` or `../../secret` - is refused (ArtifactIntegrityError naming
+    the tensor and the location), so no runtime reads, and no target uploads, a file the
+    model's author chose outside its folder."""
+    model = Path(path)
+    files: list[Path] = []
+    for tensor, location in external_data_locations(_read_proto(model)):
+        file = _confined_file(model, tensor, location)
+        if file not in files:
+            files.append(file)
+    return files

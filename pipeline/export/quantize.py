@@ -25,6 +25,7 @@ from pipeline.export.onnx_export import (
     check_interface,
     clone,
     default_opset,
+    external_data_files,
     save_onnx,
     tensor_dims,
     verify_onnx,
@@ -139,6 +140,7 @@ def _quantize_calibrated(proto: onnx.ModelProto, images: np.ndarray, settings: Q
             for index, for_tensorrt in enumerate(tensorrt):
                 target = folder / f"int8_{index}.onnx"
                 _quantize_static(source, target, ranges, settings, for_tensorrt)
+                external_data_files(target)  # only files the quantiser wrote beside it
                 quantized.append(onnx.load(target))
         except Exception as err:  # noqa: BLE001 - calibration and quantizer raise many types
             raise ExportError(f"INT8 quantisation failed: {type(err).__name__}: {err}") from err

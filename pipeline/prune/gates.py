@@ -34,7 +34,9 @@ pre-activation would be exactly 0 and ReLU'(0) = 0 would cut its gate's gradient
 closed gates could never reopen. On the consumer side the gradient is
 d loss / d input * activation, alive whenever the activation is. The channel-wise ops between
 producer and consumer (BatchNorm, activations, pooling, adds, flatten) never mix channels;
-anything that did would break exactness, which `slimming.slim` checks numerically.
+`attach_gates` refuses a group whose channels pass a normalisation that does (LayerNorm over
+channels, GroupNorm, their functional forms), and `slimming.slim` still checks exactness
+numerically for anything else that might.
 
 Option-A shortcuts (`ZeroPadShortcut`) are a group boundary: a custom pruner tells the graph
 that their input channels (stage k) and output channels (stage k+1) are different groups, and
@@ -42,6 +44,7 @@ updates `source_index` when either side is pruned.
 """
 
 import copy
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -174,6 +177,37 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
     return graph
 
 
+def _upstream(node, depth: int) -> Iterator:
+    """Torch-Pruning graph nodes feeding `node`, nearest first, up to `depth` steps back."""
+    frontier, seen = [node], {id(node)}
+    for _ in range(depth):
+        frontier = [n for current in frontier for n in current.inputs if id(n) not in seen]
+        seen.update(id(n) for n in frontier)
+        yield from frontier
+
+
+def _graph_failure(model: nn.Module, err: Exception) -> ModelError:
+    """A Torch-Pruning failure as a ModelError naming the model and, where the failing reshape
+    can be found, the layer before it and why it cannot be traced."""
+    where, reason = "", "its dependency graph cannot be built"
+    try:
+        reshape = next(frame.f_locals["reshape_node"]
+                       for frame, _ in traceback.walk_tb(err.__traceback__)
+                       if "reshape_node" in frame.f_locals)
+        names = {module: name for name, module in model.named_modules()}
+        nodes = list(_upstream(reshape, depth=8))
+        layer = next((names[n.module] for n in nodes if n.module in names), None)
+        where = f" at a reshape after {layer}" if layer else " at a reshape"
+        reason = ("a channel shuffle (reshape, transpose, reshape of the channel axis, as in "
+                  "ShuffleNet) is not supported"
+                  if any(op in n.name for n in nodes[:4] for op in ("Transpose", "Permute"))
+                  else "a reshape that splits or merges the channel axis is not supported")
+    except (StopIteration, AttributeError, TypeError):
+        pass  # the failure happened elsewhere: the generic reason stands
+    return ModelError(f"cannot find the channel groups of {type(model).__name__}{where}: "
+                      f"{reason} (Torch-Pruning: {type(err).__name__}: {err})")
+
+
 # ------------------------------------------------------------------------------ the gating plan
 @dataclass(frozen=True)
 class ChannelSpan:
@@ -205,7 +239,22 @@ class GatePlan:
 
 def plan_gates(model: nn.Module, example_input: torch.Tensor,
                ignored_layers: Iterable[nn.Module] = ()) -> GatePlan:
-    """Find the channel groups of `model`, where to gate them, and the cost of each layer."""
+    """Find the channel groups of `model`, where to gate them, and the cost of each layer.
+
+    ModelError, before any training, for a model the gates cannot prune exactly: one whose
+    channels Torch-Pruning cannot trace (e.g. a channel shuffle), or whose gated channels pass
+    a layer that mixes them (LayerNorm over channels, GroupNorm).
+    """
+    try:
+        return _plan(model, example_input, ignored_layers)
+    except ModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Torch-Pruning fails with whatever its code raises
+        raise _graph_failure(model, err) from err
+
+
+def _plan(model: nn.Module, example_input: torch.Tensor,
+          ignored_layers: Iterable[nn.Module]) -> GatePlan:
     graph = build_dependency_graph(model, example_input)
     names = {module: name for name, module in model.named_modules()}
     order = {name: index for index, name in enumerate(names.values())}
@@ -259,6 +308,7 @@ def _describe_group(graph, model: nn.Module, key: str, names: dict):
             spans_out.append((names[module], span))
         if graph.is_in_channel_pruning_fn(handler):
             spans_in.append((names[module], span))
+    _check_channel_wise(tp_group, names, key, type(model).__name__)
     producers = _members(tp_group, names, graph.is_out_channel_pruning_fn)
     consumers = [m for m in _members(tp_group, names, graph.is_in_channel_pruning_fn)
                  if m not in producers]  # BatchNorm and depthwise convs are channel-wise
@@ -267,6 +317,47 @@ def _describe_group(graph, model: nn.Module, key: str, names: dict):
     group = ChannelGroup(key, width, tuple(names[m] for m in producers),
                          tuple(names[m] for m in consumers))
     return group, spans_out, spans_in
+
+
+def _channel_mixing(module: nn.Module, grad_fn_name: str | None) -> str | None:
+    """Why a member of a channel group cannot lose channels exactly, or None when it works per
+    channel. `grad_fn_name`: the autograd op of a traced function call (None for a module)."""
+    if isinstance(module, nn.LayerNorm):
+        return (f"LayerNorm over {tuple(module.normalized_shape)} normalises across them, so a "
+                "closed channel still changes the channels kept beside it")
+    if isinstance(module, nn.GroupNorm) and module.num_groups != module.num_channels:
+        return (f"GroupNorm normalises its {module.num_groups} groups of "
+                f"{module.num_channels // module.num_groups} channels together, so a closed "
+                "channel still changes the others of its group")
+    if isinstance(module, nn.GroupNorm):  # per channel, but slimming keeps its group count
+        return ("GroupNorm's group count cannot shrink with its channels (for one channel per "
+                "group use InstanceNorm2d(affine=True))")
+    for op, call in (("LayerNorm", "layer_norm"), ("GroupNorm", "group_norm")):
+        if grad_fn_name and grad_fn_name.startswith((f"Native{op}Backward", f"{op}Backward")):
+            return f"F.{call} normalises across them"  # the functional form, called in forward
+    return None
+
+
+def _check_channel_wise(tp_group, names: dict, key: str, model_name: str) -> None:
+    """ModelError if a layer the group's channels pass cannot lose channels exactly - found
+    when gates are attached, not after training, when slimming's exactness check would fail."""
+    for item in tp_group:
+        node = item.dep.target
+        traced_op = None if node.module in names else type(getattr(node, "grad_fn", None)).__name__
+        reason = _channel_mixing(node.module, traced_op)
+        if reason is not None:
+            layer = names.get(node.module) or _traced_op_place(node, names)
+            raise ModelError(
+                f"cannot gate the channel group {key} of {model_name}: its channels pass "
+                f"{layer}, and {reason}; removing gated channels would not be exact. Gated "
+                "channels may pass only per-channel layers (BatchNorm, InstanceNorm, "
+                "activations, pooling, adds) between the layers that produce and read them")
+
+
+def _traced_op_place(node, names: dict) -> str:
+    """Where a traced function call sits: after the nearest module that feeds it."""
+    before = next((names[n.module] for n in _upstream(node, depth=8) if n.module in names), None)
+    return f"a function call after {before}" if before else "a function call"
 
 
 def _check_consumer(module: nn.Module, name: str) -> None:
