@@ -1,32 +1,90 @@
 """Names of the files the pipeline ships, built in one place.
 
-    artifacts/<model>.<precision>.onnx                 ONNX (fp32: the simplified export)
-    artifacts/<model>.<precision>.<target>.engine      an engine built for one target
-    <artifact stem>.card.json                          the model card beside each of them
+    artifacts/<model>.<precision>.onnx                        ONNX (fp32: the simplified export)
+    artifacts/openvino/<model>/<model>.<precision>.xml        OpenVINO IR (+ its .bin weights)
+    artifacts/executorch/<model>/<model>.<precision>.b<batch>.pte
+                                                              ExecuTorch program (XNNPACK), one
+                                                              per batch size: its batch is fixed
+    artifacts/<model>.<precision>.<target>.engine             an engine built for one target
+    <artifact stem>.card.json                                 the model card beside each of them
 
-`<model>` is a name from benchmark.models (no dots), `<precision>` one of PRECISIONS.
+`<model>` is a name from benchmark.models (no dots), `<precision>` one of PRECISIONS. The
+OpenVINO and ExecuTorch files live in one folder per model because each folder is one DVC
+output of the stage that writes it (an empty one when the runtime is not installed).
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    folder: str  # sub-folder of the artifacts folder, one per model inside it ("" = none)
+    suffix: str  # how the main file's name ends
+    sidecars: tuple[str, ...] = ()  # suffixes of files that belong to the main file
+    per_batch: bool = False  # one file per batch size (the batch is fixed in the file)
+
+
+# format -> how its files are named; `Target.source` names one of these (or "checkpoint")
+FORMATS = {
+    "onnx": FileFormat("", ".onnx", sidecars=(".onnx.data",)),
+    "openvino": FileFormat("openvino", ".xml", sidecars=(".bin",)),
+    "executorch": FileFormat("executorch", ".pte", per_batch=True),
+}
+
+
+def _check_name(model: str, precision: str) -> None:
+    if "." in model or "/" in model or not model:
+        raise ValueError(f"model name {model!r} must be non-empty and contain no dot or slash")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; expected one of {PRECISIONS}")
+
+
+def model_folder(folder: str | os.PathLike, model: str, fmt: str) -> Path:
+    """The folder a format's files of one model are written to (the stage's DVC output)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"file format {fmt!r} unknown; expected one of {list(FORMATS)}")
+    sub = FORMATS[fmt].folder
+    return Path(folder) / sub / model if sub else Path(folder)
 
 
 def artifact_path(folder: str | os.PathLike, model: str, precision: str,
-                  target: str | None = None) -> Path:
-    """artifacts/<model>.<precision>.onnx, or .<target>.engine for an engine."""
-    if "." in model or not model:
-        raise ValueError(f"model name {model!r} must be non-empty and contain no dot")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} unknown; expected one of {PRECISIONS}")
-    name = f"{model}.{precision}.{target}.engine" if target else f"{model}.{precision}.onnx"
-    return Path(folder) / name
+                  target: str | None = None, *, fmt: str = "onnx",
+                  batch: int | None = None) -> Path:
+    """The shipped file of `model` at `precision` in format `fmt` (see the module docstring);
+    `target` names an engine built for that target; `batch` is required exactly for formats
+    whose files have a fixed batch."""
+    _check_name(model, precision)
+    if target:
+        return Path(folder) / f"{model}.{precision}.{target}.engine"
+    per_batch = FORMATS[fmt].per_batch if fmt in FORMATS else False
+    if per_batch != (batch is not None):
+        raise ValueError(f"{fmt} files {'need' if per_batch else 'take no'} batch size "
+                         f"(got {batch!r})")
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch}")
+    tag = f".b{batch}" if batch is not None else ""
+    return model_folder(folder, model, fmt) / f"{model}.{precision}{tag}{FORMATS[fmt].suffix}"
 
 
 def card_path(artifact: str | os.PathLike) -> Path:
     """The card beside a shipped file: `teacher.int8.onnx` -> `teacher.int8.card.json`."""
     return Path(artifact).with_suffix(".card.json")
+
+
+def sidecar_files(artifact: str | os.PathLike) -> list[Path]:
+    """The files that belong to a shipped file and exist beside it (ONNX external data, the
+    OpenVINO IR's weights)."""
+    artifact = Path(artifact)
+    found = []
+    for fmt in FORMATS.values():
+        if artifact.name.endswith(fmt.suffix):
+            stem = artifact.name[:-len(fmt.suffix)]
+            found += [artifact.with_name(stem + suffix) for suffix in fmt.sidecars]
+    return [path for path in found if path.is_file()]
 
 
 def precision_of(path: str | os.PathLike) -> str:
