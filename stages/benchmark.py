@@ -133,8 +133,9 @@ COLUMNS = ("model", "target", "precision", "batch_size", "status", "reason", "to
 def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
     """A row with every column (None where not measured) and its provenance."""
     row = {column: None for column in COLUMNS} | identity | {
-        k: v for k, v in partial.items() if k != "device"}
-    row["provenance"] = run_provenance | {"device": partial.get("device")}
+        k: v for k, v in partial.items() if k not in ("device", "runtime_info")}
+    row["provenance"] = run_provenance | {"device": partial.get("device"),
+                                          "runtime_info": partial.get("runtime_info")}
     return row
 
 
@@ -162,7 +163,7 @@ def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dic
     if not availability[0]:
         log.warning("target %s is not available here: %s", target.name, availability[1])
     dataset = load_prepared(out_paths.dataset)
-    run_provenance = provenance.collect(target.threads, runtime=target.name)
+    run_provenance = provenance.collect(target.threads, runtime=target.runtime())
     rows = [complete_row(partial, identity, run_provenance) for model in cfg.models
             for partial, identity in model_rows(target, model, dataset, cfg, out_paths)]
     write_results(rows, target.name, availability, out_paths)

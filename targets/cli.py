@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import provenance
-from pipeline.artifacts import precision_of
+from pipeline.artifacts import PRECISIONS, precision_of
 from pipeline.config import TimingPlan
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import write_json
@@ -84,9 +84,11 @@ def random_feeds(rng: np.random.Generator):
 def bench(args: argparse.Namespace) -> int:
     target = target_from_args(args.target, args)
     plan = TimingPlan(args.warmup_iters, args.warmup_seconds, args.min_iters, args.min_seconds)
-    run = provenance.collect(target.threads, runtime=target.name)
-    precision = "fp32" if args.model.suffix == ".pt" else precision_of(args.model)
-    measured = measure(target, args.model, args.batch, plan, random_feeds(np.random.default_rng(0)))
+    run = provenance.collect(target.threads, runtime=target.runtime())
+    precision = args.precision or ("fp32" if args.model.suffix == ".pt"
+                                   else precision_of(args.model))
+    measured = measure(target, args.model, args.batch, plan,
+                       random_feeds(np.random.default_rng(0)), precision=precision)
     rows = [{"model": str(args.model), "target": target.name, "precision": precision, **row,
              "provenance": run} for row in measured]
     for row in rows:
@@ -134,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("model", type=Path, help=".onnx file (or .pt for torch-* targets)")
     run.add_argument("--target", required=True, help="target name (see `prune-deploy targets`)")
     run.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes")
+    run.add_argument("--precision", choices=PRECISIONS,
+                     help="precision to run at (default: the one in the file name, else fp32); "
+                          "e.g. bf16 on openvino-cpu runs an fp32 file in bf16")
     run.add_argument("--warmup-iters", type=int, default=10)
     run.add_argument("--warmup-seconds", type=float, default=0.5)
     run.add_argument("--min-iters", type=int, default=50)

@@ -328,7 +328,7 @@ class SshOnnxRuntimeTarget(SshTarget):
 
     name: ClassVar[str] = "ssh-onnxruntime"
 
-    def load(self, artifact: Path) -> SshOnnxRuntimeRunner:
+    def load(self, artifact: Path, precision: str | None = None) -> SshOnnxRuntimeRunner:
         self.require_available()
         return SshOnnxRuntimeRunner(self.settings, Path(artifact))
 
@@ -338,6 +338,8 @@ class SshTensorRtTarget(SshTarget):
 
     name: ClassVar[str] = "ssh-tensorrt"
 
-    def load(self, artifact: Path) -> SshTrtexecRunner:
+    def load(self, artifact: Path, precision: str | None = None) -> SshTrtexecRunner:
+        """trtexec builds the engine on the device at `precision` (default: the file's)."""
         self.require_available()
-        return SshTrtexecRunner(self.settings, Path(artifact), precision_of(Path(artifact)))
+        return SshTrtexecRunner(self.settings, Path(artifact),
+                                precision or precision_of(Path(artifact)))

@@ -67,14 +67,15 @@ def test_bench_reports_the_same_rows_as_the_stage_measuring_path(files, tmp_path
     calls = []
     real = cli.measure
 
-    def spy(target, source, batch_sizes, plan, feeds, accuracy=None, missing_hint=""):
-        calls.append((target.name, Path(source), tuple(batch_sizes), plan.min_iters))
-        return real(target, source, batch_sizes, plan, feeds, accuracy, missing_hint)
+    def spy(target, source, batch_sizes, plan, feeds, accuracy=None, missing_hint="",
+            precision=None):
+        calls.append((target.name, Path(source), tuple(batch_sizes), plan.min_iters, precision))
+        return real(target, source, batch_sizes, plan, feeds, accuracy, missing_hint, precision)
 
     monkeypatch.setattr(cli, "measure", spy)
     assert main(["bench", str(files[1]), "--target", "onnxruntime-cpu", "--batch", "1",
                  *FAST]) == 0
-    assert calls == [("onnxruntime-cpu", files[1], (1,), 3)]
+    assert calls == [("onnxruntime-cpu", files[1], (1,), 3, "int8")]  # from the file name
 
 
 def test_bench_broken_file_is_a_failed_row(tmp_path, capsys):
