@@ -3,6 +3,8 @@
     prune-deploy targets                      # every target, available or not and why
     prune-deploy bench m.onnx --target onnxruntime-cpu --batch 1 64
     prune-deploy bench models/m.pt --target torch-cpu --threads 2 --json out.json
+    prune-deploy bench m.fp32.onnx --target openvino-cpu --precision bf16
+    prune-deploy bench m.fp32.b1.pte --target executorch-xnnpack --batch 1
     prune-deploy bench m.onnx --target ssh-onnxruntime --host pi@10.0.0.2 --known-hosts kh
 
 `bench` feeds random inputs of the model's own input shape (latency does not depend on the
@@ -39,6 +41,8 @@ SETTINGS_FROM_ARGS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = 
     "onnxruntime": lambda a: {"graph_optimization": a.graph_optimization,
                               "intra_op_threads": a.threads, "inter_op_threads": 1,
                               "providers": a.providers},
+    "openvino": lambda a: {"threads": a.threads},
+    "executorch": lambda a: {"threads": a.threads},
     "ssh": lambda a: {"host": a.host, "port": a.port, "key_file": a.key,
                       "known_hosts": a.known_hosts, "ssh_config": a.ssh_config,
                       "remote_python": shlex.split(a.remote_python), "remote_tmp": a.remote_tmp,
@@ -133,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("targets", parents=[target_options()], help="list targets")
     run = commands.add_parser("bench", parents=[target_options()],
                               help="benchmark one model file on one target")
-    run.add_argument("model", type=Path, help=".onnx file (or .pt for torch-* targets)")
+    run.add_argument("model", type=Path, help=".onnx file (or .pt for torch-* targets, .xml IR "
+                                              "for openvino-cpu, .pte for executorch-xnnpack)")
     run.add_argument("--target", required=True, help="target name (see `prune-deploy targets`)")
     run.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes")
     run.add_argument("--precision", choices=PRECISIONS,

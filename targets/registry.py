@@ -20,6 +20,7 @@ _CLASSES: dict[str, str] = {
     "torch-cuda": "targets.torch_cuda:TorchCudaTarget",
     "torch-cuda-graphs": "targets.torch_cuda:TorchCudaGraphsTarget",
     "openvino-cpu": "targets.openvino_cpu:OpenVinoCpuTarget",
+    "executorch-xnnpack": "targets.executorch_xnnpack:ExecuTorchXnnpackTarget",
     "ssh-onnxruntime": "targets.ssh:SshOnnxRuntimeTarget",
     "ssh-tensorrt": "targets.ssh:SshTensorRtTarget",
 }

@@ -28,6 +28,8 @@ def test_targets_lists_every_target_with_availability(capsys):
     listed = {line.split()[0]: line for line in lines[1:]}
     assert set(listed) == set(target_names())
     assert listed["onnxruntime-cpu"].split()[1] == "yes"
+    assert listed["openvino-cpu"].split()[2] == "fp32,bf16,int8"
+    assert listed["executorch-xnnpack"].split()[3] == "no"  # one program per batch size
     assert listed["ssh-onnxruntime"].split()[1] == "no"
     assert "no edge device configured" in listed["ssh-onnxruntime"]
 
