@@ -1,12 +1,13 @@
 """benchmark stage: latency and accuracy of every model x precision x batch size on ONE target.
 
 DVC runs it once per target listed in params (foreach). For each model and precision it loads
-the artifact on the target (models/<m>.pt for PyTorch targets, artifacts/<m>.<precision>.onnx
-for the others), measures top-1 on the prepared test images through that runtime and its top-1
-agreement with the PyTorch model, then the latency distribution per batch size, through the one
-measuring path (targets.measure). Every row has a status - ok, skipped (target or batch size
-not available here, with the reason) or failed (with the error) - and the provenance of the
-machine that produced it. Writes metrics/benchmark_<target>.json and
+the file the target runs (its `source`: models/<m>.pt for PyTorch targets,
+artifacts/<m>.<precision>.onnx, the OpenVINO IR or, one per batch size, the ExecuTorch programs;
+names from pipeline.artifacts), measures top-1 on the prepared test images through that runtime
+and its top-1 agreement with the PyTorch model, then the latency distribution per batch size,
+through the one measuring path (targets.measure). Every row has a status - ok, skipped (target,
+precision or batch size not available here, with the reason) or failed (with the error) - and
+the provenance of the machine that produced it. Writes metrics/benchmark_<target>.json and
 plots/benchmark_<target>.csv.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import provenance
-from pipeline.artifacts import artifact_path
+from pipeline.artifacts import FORMATS, artifact_path, sidecar_files
 from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import BenchmarkConfig, load_section
 from pipeline.data import Dataset, balanced_subset, load_prepared
@@ -53,10 +54,23 @@ class BenchPaths:
         return cls(Path(f"metrics/benchmark_{target_name}.json"),
                    Path(f"plots/benchmark_{target_name}.csv"))
 
-    def artifact(self, target: Target, model: str, precision: str) -> Path:
+    def artifacts(self, target: Target, model: str, precision: str,
+                  batch_sizes: tuple[int, ...]) -> list[tuple[Path, tuple[int, ...]]]:
+        """The files a target runs for one model and precision, each with the batch sizes it
+        serves: one file for all, or one per batch size where the format fixes the batch."""
         if target.source == "checkpoint":  # PyTorch targets run model files
-            return self.models_dir / f"{model}.pt"
-        return artifact_path(self.artifacts_dir, model, precision)
+            return [(self.models_dir / f"{model}.pt", batch_sizes)]
+        precision = target.source_precision(precision)  # e.g. OpenVINO's bf16: the fp32 IR
+        if FORMATS[target.source].per_batch:
+            return [(artifact_path(self.artifacts_dir, model, precision, fmt=target.source,
+                                   batch=batch), (batch,)) for batch in batch_sizes]
+        return [(artifact_path(self.artifacts_dir, model, precision, fmt=target.source),
+                 batch_sizes)]
+
+
+# the stage that writes each kind of file a target runs, for the "not found" reason
+MADE_BY = {"checkpoint": "the training stages", "onnx": "the export stage",
+           "openvino": "the export_openvino stage", "executorch": "the export_executorch stage"}
 
 
 @dataclass(frozen=True)
@@ -147,14 +161,15 @@ def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfi
     reference = reference_for(loaded, evalset)
     rows = []
     for precision in cfg.targets[target.name]:
-        artifact = out_paths.artifact(target, model, precision)
-        identity = {"model": model, "target": target.name, "precision": precision,
-                    "artifact": str(artifact), "macs": reference.macs,
-                    "params": reference.params, "size_mb": size_mb(artifact)}
-        partials = measure(target, artifact, cfg.batch_sizes, cfg.timing, evalset.feeds,
-                           accuracy_through(evalset, reference, max(cfg.batch_sizes)),
-                           missing_hint=" (run the export stage)")
-        rows += [(partial, identity) for partial in partials]
+        for artifact, batches in out_paths.artifacts(target, model, precision, cfg.batch_sizes):
+            identity = {"model": model, "target": target.name, "precision": precision,
+                        "artifact": str(artifact), "macs": reference.macs,
+                        "params": reference.params, "size_mb": size_mb(artifact)}
+            partials = measure(target, artifact, batches, cfg.timing, evalset.feeds,
+                               accuracy_through(evalset, reference, max(batches)),
+                               missing_hint=f" (run {MADE_BY[target.source]})",
+                               precision=precision)
+            rows += [(partial, identity) for partial in partials]
     return rows
 
 
@@ -171,11 +186,11 @@ def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dic
 
 
 def size_mb(artifact: Path) -> float | None:
-    """Size of the artifact (with an ONNX file's external-data sidecar) in MB (10^6 bytes)."""
+    """Size of the artifact with the files that belong to it (ONNX external data, an IR's
+    weights) in MB (10^6 bytes)."""
     if not artifact.is_file():
         return None
-    sidecar = artifact.with_name(artifact.name + ".data")
-    return (artifact.stat().st_size + (sidecar.stat().st_size if sidecar.is_file() else 0)) / 1e6
+    return sum(path.stat().st_size for path in [artifact, *sidecar_files(artifact)]) / 1e6
 
 
 def csv_row(row: dict) -> dict:

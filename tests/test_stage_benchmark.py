@@ -157,3 +157,50 @@ def test_edge_device_over_ssh(workspace, sshd_server):
     assert rows[0]["agreement"] >= 0.9 and rows[1]["n"] == 2
     device = rows[0]["provenance"]["device"]
     assert device["onnxruntime"] and device["ssh_host"] == f"{s.host}:{s.port}"
+
+
+OPENVINO = make_target("openvino-cpu", {"threads": 1})
+EXECUTORCH = make_target("executorch-xnnpack", {"threads": 1})
+
+
+@pytest.mark.skipif(not OPENVINO.available()[0], reason=OPENVINO.available()[1])
+def test_openvino_rows_run_the_shipped_ir_and_bf16_compiles_the_fp32_one(workspace):
+    folder = workspace / "artifacts" / "openvino" / "teacher"
+    OPENVINO.build(workspace / "artifacts" / "teacher.fp32.onnx", folder)
+    rows = run(config({"openvino-cpu": ("fp32", "bf16", "int8")}, models=MODELS[:1]),
+               OPENVINO, paths(workspace, "openvino-cpu"))
+    fp32, bf16, int8 = rows[0:2], rows[2:4], rows[4:6]
+    assert [r["status"] for r in fp32] == ["ok", "ok"] and fp32[0]["agreement"] == 1.0
+    assert fp32[0]["artifact"] == bf16[0]["artifact"] == str(folder / "teacher.fp32.xml")
+    assert fp32[0]["size_mb"] > (folder / "teacher.fp32.xml").stat().st_size / 1e6  # + .bin
+    prov = fp32[0]["provenance"]
+    assert prov["runtime"].startswith("openvino 20") and prov["packages"]["openvino"]
+    assert prov["runtime_info"]["inference_precision"] == "f32" and prov["threads"] == 1
+    if OPENVINO.precision_available("bf16")[0]:
+        assert [r["status"] for r in bf16] == ["ok", "ok"]
+        assert bf16[0]["provenance"]["runtime_info"]["inference_precision"] == "bf16"
+    else:
+        assert {r["status"] for r in bf16} == {"skipped"}
+    assert {r["status"] for r in int8} == {"failed"}
+    assert "teacher.int8.xml not found (run the export_openvino stage)" in int8[0]["reason"]
+
+
+@pytest.mark.slow  # lowers two programs
+@pytest.mark.skipif(not EXECUTORCH.available()[0], reason=EXECUTORCH.available()[1])
+def test_executorch_rows_run_one_program_per_batch_size(workspace):
+    from pipeline.export.executorch import export_programs
+
+    folder = workspace / "artifacts" / "executorch" / "student_final"
+    folder.mkdir(parents=True)
+    model = load_model(workspace / "models" / "student_final.pt").model
+    for batch, program in export_programs(model, "fp32", (1, 4), (3, 32, 32)).items():
+        (folder / f"student_final.fp32.b{batch}.pte").write_bytes(program.buffer)
+    rows = run(config({"executorch-xnnpack": ("fp32", "int8")}, models=MODELS[1:]), EXECUTORCH,
+               paths(workspace, "executorch-xnnpack"))
+    assert [(r["precision"], r["batch_size"], r["status"]) for r in rows] == [
+        ("fp32", 1, "ok"), ("fp32", 4, "ok"), ("int8", 1, "failed"), ("int8", 4, "failed")]
+    assert [Path(r["artifact"]).name for r in rows[:2]] == ["student_final.fp32.b1.pte",
+                                                             "student_final.fp32.b4.pte"]
+    assert rows[0]["agreement"] == rows[1]["agreement"] == 1.0 and rows[1]["eval_images"] == 12
+    assert rows[0]["provenance"]["runtime_info"] == {"threadpool_threads": 1}
+    assert "(run the export_executorch stage)" in rows[2]["reason"]

@@ -37,11 +37,12 @@ class VerifiedOnnx:
     card: dict[str, Any]  # the .card.json, whose sha256 matches the file
 
 
-def provenance() -> dict[str, Any]:
-    """Git revision and tool versions; runs `git`, so call it once per stage, not per file."""
+def provenance(tools: tuple[str, ...] = TOOL_PACKAGES) -> dict[str, Any]:
+    """Git revision and versions of `tools`; runs `git`, so call it once per stage, not per
+    file."""
     from pipeline.provenance import git_revision, package_versions
 
-    return {"git_revision": git_revision(), "tools": package_versions(TOOL_PACKAGES)}
+    return {"git_revision": git_revision(), "tools": package_versions(tools)}
 
 
 def describe_source(loaded: LoadedModel, model_path: str | os.PathLike,
