@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import numpy as np
 
 from pipeline.artifacts import artifact_path, model_folder
 from pipeline.checkpoint import LoadedModel, load_model
@@ -69,19 +69,18 @@ class Paths:
         return cls(Path("models") / f"{name}.pt")
 
 
-def check_programs(paths: dict[int, Path], precision: str, target: Target, model: nn.Module,
-                   images: Images, cfg: ExportConfig) -> dict[int, dict[str, Any]]:
-    """Gates and test-set top-1 of one precision's programs (batch -> results); raises
-    ParityError on a failed gate."""
+def check_programs(paths: dict[int, Path], precision: str, target: Target,
+                   reference: dict[int, np.ndarray], images: Images,
+                   cfg: ExportConfig) -> dict[int, dict[str, Any]]:
+    """Gates (against PyTorch's `reference` logits per batch size) and test-set top-1 of one
+    precision's programs (batch -> results); raises ParityError on a failed gate."""
     tolerance = tolerance_for(precision, cfg)
-    torch_predict = torch_predictor(model)
     checked, logits = {}, {}
     for batch, path in paths.items():
         with target.load(path) as runner:
             predict = fixed_batch_predictor(runner_predictor(runner), batch)
             logits[batch] = batched_logits(predict, images.parity, batch)
             top1 = top1_accuracy(batched_logits(predict, images.test, batch), images.labels)
-        reference = {batch: batched_logits(torch_predict, images.parity, batch)}
         checked[batch] = {"top1": top1, "parity": reference_gates(
             path.name, {batch: logits[batch]}, reference, "torch", tolerance)}
     if len(paths) > 1:  # the smallest batch's program against the largest's
@@ -112,6 +111,8 @@ def build_and_check(loaded: LoadedModel, name: str, images: Images, settings: Se
     cfg, batches = settings.export, tuple(sorted(set(settings.benchmark.batch_sizes)))
     target = make_target("executorch-xnnpack", settings.executorch)
     shape = tuple(int(v) for v in loaded.meta["input_shape"])
+    predict = torch_predictor(loaded.model)
+    reference = {b: batched_logits(predict, images.parity, b) for b in batches}
     checked, lowered, files = {}, {}, {}
     for precision in PRECISIONS:
         lowered[precision] = export_programs(loaded.model, precision, batches, shape,
@@ -121,7 +122,7 @@ def build_and_check(loaded: LoadedModel, name: str, images: Images, settings: Se
         for batch, program in lowered[precision].items():
             atomic_write_bytes(files[precision][batch], program.buffer)
         log.info("checking the %s programs in ExecuTorch", precision)
-        checked[precision] = check_programs(files[precision], precision, target, loaded.model,
+        checked[precision] = check_programs(files[precision], precision, target, reference,
                                             images, cfg)
     drop = check_int8_drop(checked["fp32"][batches[-1]]["top1"],
                            checked["int8"][batches[-1]]["top1"], cfg.quantize.max_top1_drop)

@@ -106,6 +106,34 @@ def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
         assert (smoke_repo / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+EDGE_RUNTIMES = {"openvino-cpu": ("export_openvino", ("fp32", "int8")),
+                 "executorch-xnnpack": ("export_executorch", ("fp32", "int8"))}
+
+
+@pytest.mark.parametrize("target", list(EDGE_RUNTIMES))
+def test_smoke_repro_ships_and_measures_the_edge_runtimes(smoke_repo, target):
+    """With the extra installed (CI installs both): every file passed its gates and every row
+    was measured. Without it: skipped rows and exports that say why, never a failed repro."""
+    stage, precisions = EDGE_RUNTIMES[target]
+    results = read_metrics(smoke_repo, f"benchmark_{target}")
+    exports = [read_metrics(smoke_repo, f"{stage}_{model}") for model in MODELS]
+    rows = list(results["results"].values())
+    if not results["available"]:
+        assert {row["status"] for row in rows} == {"skipped"} and rows[0]["reason"]
+        assert {export["status"] for export in exports} == {"skipped"}
+        pytest.skip(f"{target} is not available here: {results['reason']}")
+    assert {export["status"] for export in exports} == {"ok"}
+    for export in exports:
+        fp32_gates = [gate for key, entry in export["files"].items() if key.startswith("fp32")
+                      for gate in entry["parity"].values()]
+        assert fp32_gates and all(g["rel_diff"] <= 1e-4 and g["top1_agreement"] == 1.0
+                                  for g in fp32_gates)
+    measured = {(row["model"], row["precision"], row["batch_size"]): row["status"]
+                for row in rows if row["precision"] in precisions}
+    assert set(measured) == {(m, p, b) for m in MODELS for p in precisions for b in (1, 64)}
+    assert set(measured.values()) == {"ok"}, measured
+
+
 def torch_cuda_available() -> bool:
     import torch
 
