@@ -204,3 +204,21 @@ def test_executorch_rows_run_one_program_per_batch_size(workspace):
     assert rows[0]["agreement"] == rows[1]["agreement"] == 1.0 and rows[1]["eval_images"] == 12
     assert rows[0]["provenance"]["runtime_info"] == {"threadpool_threads": 1}
     assert "(run the export_executorch stage)" in rows[2]["reason"]
+
+
+@pytest.mark.parametrize(("name", "package"), [("openvino-cpu", "openvino"),
+                                               ("executorch-xnnpack", "executorch")])
+def test_a_missing_extra_gives_skipped_rows_with_the_reason(workspace, monkeypatch, name,
+                                                            package):
+    import sys
+
+    for module in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setitem(sys.modules, package, None)  # importing it now raises ImportError
+    out = paths(workspace, name)
+    rows = run(config({name: ("fp32", "int8")}), make_target(name, {"threads": 1}), out)
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"skipped"}
+    assert all(f"{package} is not installed" in r["reason"] and f"[{package}]" in r["reason"]
+               for r in rows)
+    saved = json.loads(out.metrics.read_text())
+    assert saved["available"] is False and f"{package} is not installed" in saved["reason"]
