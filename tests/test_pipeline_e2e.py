@@ -22,8 +22,10 @@ def dvc(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     # The stages' `python` must be this interpreter (the project's venv), found first on PATH.
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    # A guard against hangs: the smoke run with both edge runtimes took 35 minutes on a 2-core
+    # VM shared with other jobs (load average 10-19).
     return subprocess.run([str(Path(bin_dir) / "dvc"), *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=3600)
 
 
 def snapshot(workdir: Path) -> dict[str, bytes]:
