@@ -155,3 +155,13 @@ def consistency_gate(name: str, logits: dict[int, np.ndarray],
     small, large = min(logits), max(logits)
     result = measure_parity(logits[large], logits[small], f"{name}@batch{large}", name, small)
     return {"batch_consistency": check_parity(result, tolerance).as_dict()}
+
+
+def check_int8_drop(fp32_top1: float, int8_top1: float, max_drop_points: float) -> float:
+    """Top-1 points (percent) INT8 loses against FP32; ParityError beyond `max_drop_points`."""
+    drop = 100 * (fp32_top1 - int8_top1)
+    if not drop <= max_drop_points:
+        raise ParityError(f"INT8 top-1 {100 * int8_top1:.2f}% is {drop:.2f} points below FP32 "
+                          f"{100 * fp32_top1:.2f}%; allowed drop is {max_drop_points:.2f} points "
+                          "(export.quantize.max_top1_drop)")
+    return drop

@@ -34,12 +34,13 @@ from pipeline.export.cards import (
 )
 from pipeline.export.images import Images, prepare_images
 from pipeline.export.onnx_export import export_onnx, node_counts, save_onnx
-from pipeline.export.quantize import check_int8_drop, convert_fp16, quantize_int8
+from pipeline.export.quantize import convert_fp16, quantize_int8
 from pipeline.export.simplify import SimplifyReport, simplify
 from pipeline.io import file_sha256, set_threads, write_json
 from pipeline.parity import (
     FP32_TOLERANCE,
     batched_logits,
+    check_int8_drop,
     consistency_gate,
     reference_gates,
     runner_predictor,

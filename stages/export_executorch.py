@@ -28,10 +28,10 @@ from pipeline.data import load_prepared
 from pipeline.export.cards import describe_source, make_card, provenance, write_card
 from pipeline.export.executorch import LoweredProgram, export_programs
 from pipeline.export.images import Images, prepare_images
-from pipeline.export.quantize import check_int8_drop
 from pipeline.io import atomic_write_bytes, file_sha256, set_threads, staged_folder, write_json
 from pipeline.parity import (
     batched_logits,
+    check_int8_drop,
     consistency_gate,
     fixed_batch_predictor,
     reference_gates,

@@ -34,10 +34,10 @@ from pipeline.export.cards import (
     write_card,
 )
 from pipeline.export.images import Images, prepare_images
-from pipeline.export.quantize import check_int8_drop
 from pipeline.io import file_sha256, set_threads, staged_folder, write_json
 from pipeline.parity import (
     batched_logits,
+    check_int8_drop,
     consistency_gate,
     reference_gates,
     runner_predictor,

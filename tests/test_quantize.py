@@ -13,9 +13,9 @@ from pipeline.config import QuantizeConfig
 from pipeline.data import make_synthetic, normalize
 from pipeline.errors import ExportError, ParityError
 from pipeline.export.onnx_export import export_onnx, tensor_dims
-from pipeline.export.quantize import ImageBatches, check_int8_drop, convert_fp16, quantize_int8
+from pipeline.export.quantize import ImageBatches, convert_fp16, quantize_int8
 from pipeline.export.simplify import simplify
-from pipeline.parity import compare_logits
+from pipeline.parity import check_int8_drop, compare_logits
 
 
 def quantize_config(**overrides) -> QuantizeConfig:
