@@ -194,7 +194,10 @@ def latency_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> No
 
     measured = [r for r in rows if _ok(r)]
     batches = sorted({r["batch_size"] for r in measured}) or [1]
-    figure = Figure(figsize=(max(6.0, 1.2 * len(rows) / len(batches)), 3.6 * len(batches)))
+    widest = max([len({(r["target"], r["precision"]) for r in measured
+                       if r["batch_size"] == batch}) for batch in batches])
+    figure = Figure(figsize=(max(6.0, 1.7 * widest), 3.6 * len(batches)),  # 1.7 in per group
+                    layout="constrained")
     for panel, batch in enumerate(batches, 1):
         axes = figure.add_subplot(len(batches), 1, panel)
         group_rows = [r for r in measured if r["batch_size"] == batch]
@@ -228,7 +231,7 @@ def accuracy_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> N
     targets = sorted({r["target"] for r in measured})
     markers = dict(zip(targets, "osD^v<>pX*h", strict=False))
     colours = {model: f"C{i}" for i, model in enumerate(models)}
-    figure = Figure(figsize=(6.5, 4.5))
+    figure = Figure(figsize=(7.5, 5.0))
     axes = figure.add_subplot()
     for r in measured:
         axes.scatter(r["p50_ms"], 100 * r["top1"], color=colours.get(r["model"], "grey"),
@@ -243,7 +246,11 @@ def accuracy_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> N
         from matplotlib.ticker import FuncFormatter
 
         axes.set_xscale("log")
-        for axis_formatter in (axes.xaxis.set_major_formatter, axes.xaxis.set_minor_formatter):
+        latencies = [r["p50_ms"] for r in measured]
+        formatters = [axes.xaxis.set_major_formatter]
+        if max(latencies) < 10 * min(latencies):  # within a decade: label the minor ticks too
+            formatters.append(axes.xaxis.set_minor_formatter)
+        for axis_formatter in formatters:
             axis_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     else:
         axes.text(0.5, 0.5, "no measured rows", transform=axes.transAxes, ha="center")
