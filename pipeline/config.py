@@ -42,7 +42,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 UnitFloat = Annotated[float, Field(ge=0, lt=1)]  # a fraction in [0, 1)
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]  # bf16: an inference precision (OpenVINO)
 
 
 # --------------------------------------------------------------------------- shared sections

@@ -72,6 +72,30 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_path(path.parent)
 
 
+@contextmanager
+def staged_folder(folder: str | os.PathLike, last: str = ".card.json") -> Iterator[Path]:
+    """Yield a temp folder beside `folder` to build its new content in. If the body succeeds,
+    `folder` ends up holding exactly the staged files: files it had that were not staged are
+    removed, then each staged file is moved in atomically, names ending in `last` after the
+    others (cards after the files they vouch for). If the body raises, `folder` is untouched.
+    For folders a stage owns as a whole (one DVC output)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-",
+                                     suffix=".tmp") as staging:
+        yield Path(staging)
+        staged = sorted(Path(staging).iterdir(), key=lambda p: (p.name.endswith(last), p.name))
+        if any(not path.is_file() for path in staged):
+            raise IsADirectoryError(f"only files can be staged for {folder}")
+        folder.mkdir(exist_ok=True)
+        for stale in folder.iterdir():
+            if stale.name not in {path.name for path in staged}:
+                stale.unlink()
+        for path in staged:
+            with atomic_output(folder / path.name) as tmp:
+                os.replace(path, tmp)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)

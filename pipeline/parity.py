@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import ParityTolerance
+from pipeline.config import ExportConfig, ParityTolerance
 from pipeline.errors import ParityError
 
 FP32_TOLERANCE = ParityTolerance(max_rel_diff=1e-4, min_top1_agreement=1.0)
@@ -118,3 +118,50 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     if len(logits) != len(labels) or not len(labels):
         raise ParityError(f"{len(logits)} logit rows for {len(labels)} labels; expected equal, > 0")
     return float(np.mean(logits.argmax(1) == labels))
+
+
+def fixed_batch_predictor(predict: Predict, batch_size: int) -> Predict:
+    """`predict` for a runtime whose batch is fixed: a short chunk (the tail) is padded with
+    copies of its first image and the padding's logits are dropped."""
+
+    def padded(images: np.ndarray) -> np.ndarray:
+        short = batch_size - len(images)
+        if short <= 0:
+            return predict(images)
+        filled = np.concatenate([images, np.repeat(images[:1], short, axis=0)])
+        return predict(filled)[:len(images)]
+
+    return padded
+
+
+def tolerance_for(precision: str, export: ExportConfig) -> ParityTolerance:
+    """The gate a file of `precision` must pass: FP32's exactness rule, or params' looser one
+    (export.fp16, export.int8)."""
+    return {"fp16": export.fp16, "int8": export.int8}.get(precision, FP32_TOLERANCE)
+
+
+def reference_gates(name: str, logits: dict[int, np.ndarray], reference: dict[int, np.ndarray],
+                    reference_name: str, tolerance: ParityTolerance) -> dict[str, Any]:
+    """A file's logits against a reference's, batch size by batch size (keys vs_<ref>_b<n>);
+    raises ParityError on the first violation."""
+    return {f"vs_{reference_name}_b{b}": check_parity(
+        measure_parity(reference[b], logits[b], reference_name, name, b), tolerance).as_dict()
+        for b in logits}
+
+
+def consistency_gate(name: str, logits: dict[int, np.ndarray],
+                     tolerance: ParityTolerance) -> dict[str, Any]:
+    """The smallest batch against the largest: per-sample results must not depend on it."""
+    small, large = min(logits), max(logits)
+    result = measure_parity(logits[large], logits[small], f"{name}@batch{large}", name, small)
+    return {"batch_consistency": check_parity(result, tolerance).as_dict()}
+
+
+def check_int8_drop(fp32_top1: float, int8_top1: float, max_drop_points: float) -> float:
+    """Top-1 points (percent) INT8 loses against FP32; ParityError beyond `max_drop_points`."""
+    drop = 100 * (fp32_top1 - int8_top1)
+    if not drop <= max_drop_points:
+        raise ParityError(f"INT8 top-1 {100 * int8_top1:.2f}% is {drop:.2f} points below FP32 "
+                          f"{100 * fp32_top1:.2f}%; allowed drop is {max_drop_points:.2f} points "
+                          "(export.quantize.max_top1_drop)")
+    return drop

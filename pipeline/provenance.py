@@ -16,7 +16,8 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Packages whose versions change benchmark numbers; absent ones are recorded as None.
-DEFAULT_PACKAGES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+DEFAULT_PACKAGES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+                    "openvino", "executorch", "torchao")
 
 
 def cpu_model() -> str:

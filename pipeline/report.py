@@ -1,5 +1,6 @@
-"""The comparison report: one table of every benchmark row, two charts, and sentences generated
-from the numbers saying where pruning paid off in measured latency and where it did not.
+"""The comparison report: one table of every benchmark row, the fastest runtime per model,
+precision and batch size, two charts, and sentences generated from the numbers saying where
+pruning paid off in measured latency and where it did not.
 
 Input rows are the benchmark stage's (metrics/benchmark_<target>.json "results"). Speedups compare
 rows of the same target, precision and batch size: measured = p50 of the reference model / p50
@@ -16,7 +17,7 @@ from pipeline.config import ReportConfig
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_output, atomic_write_text
 
-PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
 
 
 class ReportError(PipelineError):
@@ -96,6 +97,30 @@ def markdown_table(rows: Sequence[dict], baseline_model: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def fastest_table(rows: Sequence[dict], model_order: Sequence[str]) -> str:
+    """Per model, precision and batch size: the target with the lowest measured p50, and the
+    runner-up (compare within one run: absolute latencies move between runs)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if _ok(row):
+            groups.setdefault((row["model"], row["precision"], row["batch_size"]), []).append(row)
+    rank = {model: i for i, model in enumerate(model_order)}
+    order = sorted(groups, key=lambda g: (rank.get(g[0], len(rank)), g[0],
+                                          PRECISION_ORDER.get(g[1], 9), g[2]))
+    if not groups:
+        return "No target measured anything.\n"
+    lines = ["| model | precision | batch | fastest | p50 ms | runner-up | p50 ms | ratio |",
+             "|" + "---|" * 8]
+    for model, precision, batch in order:
+        first, *rest = sorted(groups[(model, precision, batch)], key=lambda r: r["p50_ms"])
+        runner_up = rest[0]["p50_ms"] if rest else None
+        cells = [model, precision, str(batch), first["target"], f"{first['p50_ms']:.3f}",
+                 rest[0]["target"] if rest else "—", _num(runner_up, ".3f"),
+                 _num(runner_up and runner_up / first["p50_ms"], ".2f", "x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _where(row: dict) -> str:
     return f"{row['target']} {row['precision']} batch {row['batch_size']}"
 
@@ -169,7 +194,10 @@ def latency_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> No
 
     measured = [r for r in rows if _ok(r)]
     batches = sorted({r["batch_size"] for r in measured}) or [1]
-    figure = Figure(figsize=(max(6.0, 1.2 * len(rows) / len(batches)), 3.6 * len(batches)))
+    widest = max([len({(r["target"], r["precision"]) for r in measured
+                       if r["batch_size"] == batch}) for batch in batches])
+    figure = Figure(figsize=(max(6.0, 1.7 * widest), 3.6 * len(batches)),  # 1.7 in per group
+                    layout="constrained")
     for panel, batch in enumerate(batches, 1):
         axes = figure.add_subplot(len(batches), 1, panel)
         group_rows = [r for r in measured if r["batch_size"] == batch]
@@ -203,7 +231,7 @@ def accuracy_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> N
     targets = sorted({r["target"] for r in measured})
     markers = dict(zip(targets, "osD^v<>pX*h", strict=False))
     colours = {model: f"C{i}" for i, model in enumerate(models)}
-    figure = Figure(figsize=(6.5, 4.5))
+    figure = Figure(figsize=(7.5, 5.0))
     axes = figure.add_subplot()
     for r in measured:
         axes.scatter(r["p50_ms"], 100 * r["top1"], color=colours.get(r["model"], "grey"),
@@ -218,7 +246,11 @@ def accuracy_chart(rows: Sequence[dict], models: Sequence[str], path: Path) -> N
         from matplotlib.ticker import FuncFormatter
 
         axes.set_xscale("log")
-        for axis_formatter in (axes.xaxis.set_major_formatter, axes.xaxis.set_minor_formatter):
+        latencies = [r["p50_ms"] for r in measured]
+        formatters = [axes.xaxis.set_major_formatter]
+        if max(latencies) < 10 * min(latencies):  # within a decade: label the minor ticks too
+            formatters.append(axes.xaxis.set_minor_formatter)
+        for axis_formatter in formatters:
             axis_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     else:
         axes.text(0.5, 0.5, "no measured rows", transform=axes.transAxes, ha="center")
@@ -241,7 +273,10 @@ def _provenance_lines(rows: Sequence[dict]) -> list[str]:
         prov = row.get("provenance") or {}
         gpu = prov.get("gpu") or {}
         device = prov.get("device") or {}
-        line = (f"- {row['target']}: {prov.get('cpu_model')} ({prov.get('cpu_cores')} cores, "
+        runtime = prov.get("runtime")
+        named = f" ({runtime})" if runtime and runtime != row["target"] else ""
+        line = (f"- {row['target']}{named}: {prov.get('cpu_model')} ({prov.get('cpu_cores')} "
+                f"cores, "
                 f"{_threads_text(prov.get('threads'))})"
                 + (f", GPU {gpu.get('name')} (cc {gpu.get('compute_capability')}, driver "
                    f"{gpu.get('driver')})" if gpu else "")
@@ -268,6 +303,8 @@ def render(rows: Sequence[dict], settings: ReportConfig, models: Sequence[str],
         f"{settings.baseline_model} / MACs of the model.", "",
         "## Findings", "", *[f"- {s}" for s in findings], "",
         "## Results", "", markdown_table(rows, settings.baseline_model),
+        "## Fastest runtime", "", "Per model, precision and batch size, from the rows above.",
+        "", fastest_table(rows, models),
         "## Charts", "", f"![latency per target]({chart_names[0]})", "",
         f"![accuracy vs latency]({chart_names[1]})", "",
         "## Provenance", "", *_provenance_lines(rows), ""])

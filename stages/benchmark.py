@@ -1,12 +1,13 @@
 """benchmark stage: latency and accuracy of every model x precision x batch size on ONE target.
 
 DVC runs it once per target listed in params (foreach). For each model and precision it loads
-the artifact on the target (models/<m>.pt for PyTorch targets, artifacts/<m>.<precision>.onnx
-for the others), measures top-1 on the prepared test images through that runtime and its top-1
-agreement with the PyTorch model, then the latency distribution per batch size, through the one
-measuring path (targets.measure). Every row has a status - ok, skipped (target or batch size
-not available here, with the reason) or failed (with the error) - and the provenance of the
-machine that produced it. Writes metrics/benchmark_<target>.json and
+the file the target runs (its `source`: models/<m>.pt for PyTorch targets,
+artifacts/<m>.<precision>.onnx, the OpenVINO IR or, one per batch size, the ExecuTorch programs;
+names from pipeline.artifacts), measures top-1 on the prepared test images through that runtime
+and its top-1 agreement with the PyTorch model, then the latency distribution per batch size,
+through the one measuring path (targets.measure). Every row has a status - ok, skipped (target,
+precision or batch size not available here, with the reason) or failed (with the error) - and
+the provenance of the machine that produced it. Writes metrics/benchmark_<target>.json and
 plots/benchmark_<target>.csv.
 
 Before anything is loaded or sent to a device, every ONNX file the target will run is checked
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 
 from pipeline import provenance
+from pipeline.artifacts import FORMATS, artifact_path, sidecar_files
 from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import BenchmarkConfig, load_section
 from pipeline.data import Dataset, balanced_subset, load_prepared
 from pipeline.errors import ArtifactIntegrityError, CheckpointError, ConfigError
-from pipeline.export.cards import load_verified_onnx
+from pipeline.export.cards import load_verified_onnx, verified_card
 from pipeline.flops import model_cost
 from pipeline.io import file_sha256, write_csv, write_json
 from stages._cli import RESOLVED, load_settings, run_main
@@ -58,10 +60,27 @@ class BenchPaths:
         return cls(Path(f"metrics/benchmark_{target_name}.json"),
                    Path(f"plots/benchmark_{target_name}.csv"))
 
-    def artifact(self, target: Target, model: str, precision: str) -> Path:
+    def artifacts(self, target: Target, model: str, precision: str,
+                  batch_sizes: tuple[int, ...]) -> list[tuple[Path, tuple[int, ...]]]:
+        """The files a target runs for one model and precision, each with the batch sizes it
+        serves: one file for all, or one per batch size where the format fixes the batch."""
         if target.source == "checkpoint":  # PyTorch targets run model files
-            return self.models_dir / f"{model}.pt"
-        return target.onnx_source(self.artifacts_dir, model, precision)
+            return [(self.models_dir / f"{model}.pt", batch_sizes)]
+        precision = target.source_precision(precision)  # e.g. OpenVINO's bf16: the fp32 IR
+        if target.source == "onnx":  # a runtime may read its own flavor (TensorRT's INT8)
+            return [(target.onnx_source(self.artifacts_dir, model, precision), batch_sizes)]
+        if FORMATS[target.source].per_batch:
+            return [(artifact_path(self.artifacts_dir, model, precision, fmt=target.source,
+                                   batch=batch), (batch,)) for batch in batch_sizes]
+        return [(artifact_path(self.artifacts_dir, model, precision, fmt=target.source),
+                 batch_sizes)]
+
+
+# the stage that writes each kind of file a target runs: for the "not found" reason and the
+# command that rebuilds a file that does not match its card
+MADE_BY = {"checkpoint": "the training stages", "onnx": "the export stage",
+           "openvino": "the export_openvino stage", "executorch": "the export_executorch stage"}
+REBUILT_BY = {"onnx": "export", "openvino": "export_openvino", "executorch": "export_executorch"}
 
 
 @dataclass(frozen=True)
@@ -138,31 +157,37 @@ COLUMNS = ("model", "target", "precision", "batch_size", "status", "reason", "to
 def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
     """A row with every column (None where not measured) and its provenance."""
     row = {column: None for column in COLUMNS} | identity | {
-        k: v for k, v in partial.items() if k != "device"}
-    row["provenance"] = run_provenance | {"device": partial.get("device")}
+        k: v for k, v in partial.items() if k not in ("device", "runtime_info")}
+    row["provenance"] = run_provenance | {"device": partial.get("device"),
+                                          "runtime_info": partial.get("runtime_info")}
     return row
 
 
 def verified_artifacts(target: Target, cfg: BenchmarkConfig,
                        out_paths: BenchPaths) -> dict[Path, str]:
-    """sha256 of every artifact the target will run that exists, each ONNX file checked against
-    its card first; ArtifactIntegrityError (with the rebuild command) on any mismatch. A missing
-    file is left to its row (failed: run the export stage)."""
+    """sha256 of every artifact the target will run that exists, each shipped file checked
+    against its card first (ONNX files also against the card they embed); ArtifactIntegrityError
+    (with the rebuild command) on any mismatch. A missing file is left to its row (failed: run
+    the stage that makes it)."""
     hashes = {}
     for model in cfg.models:
         for precision in cfg.targets[target.name]:
-            artifact = out_paths.artifact(target, model, precision)
-            if not artifact.is_file():
-                continue
-            if target.source == "checkpoint":  # a weights-only model file, no card
-                hashes[artifact] = file_sha256(artifact)
-                continue
-            try:
-                hashes[artifact] = load_verified_onnx(artifact).card["sha256"]
-            except ArtifactIntegrityError as err:
-                raise ArtifactIntegrityError(f"{err}; rebuild it with `dvc repro "
-                                             f"export@{model}`") from None
+            for artifact, _ in out_paths.artifacts(target, model, precision, cfg.batch_sizes):
+                if artifact.is_file():
+                    hashes[artifact] = _verified_sha256(target, model, artifact)
     return hashes
+
+
+def _verified_sha256(target: Target, model: str, artifact: Path) -> str:
+    if target.source == "checkpoint":  # a weights-only model file, no card
+        return file_sha256(artifact)
+    try:
+        if target.source == "onnx":
+            return load_verified_onnx(artifact).card["sha256"]
+        return verified_card(artifact)["sha256"]
+    except ArtifactIntegrityError as err:
+        raise ArtifactIntegrityError(f"{err}; rebuild it with `dvc repro "
+                                     f"{REBUILT_BY[target.source]}@{model}`") from None
 
 
 def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfig,
@@ -173,15 +198,16 @@ def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfi
     reference = reference_for(loaded, evalset)
     rows = []
     for precision in cfg.targets[target.name]:
-        artifact = out_paths.artifact(target, model, precision)
-        identity = {"model": model, "target": target.name, "precision": precision,
-                    "artifact": str(artifact), "artifact_sha256": hashes.get(artifact),
-                    "macs": reference.macs,
-                    "params": reference.params, "size_mb": size_mb(artifact)}
-        partials = measure(target, artifact, cfg.batch_sizes, cfg.timing, evalset.feeds,
-                           accuracy_through(evalset, reference, max(cfg.batch_sizes)),
-                           missing_hint=" (run the export stage)")
-        rows += [(partial, identity) for partial in partials]
+        for artifact, batches in out_paths.artifacts(target, model, precision, cfg.batch_sizes):
+            identity = {"model": model, "target": target.name, "precision": precision,
+                        "artifact": str(artifact), "artifact_sha256": hashes.get(artifact),
+                        "macs": reference.macs, "params": reference.params,
+                        "size_mb": size_mb(artifact)}
+            partials = measure(target, artifact, batches, cfg.timing, evalset.feeds,
+                               accuracy_through(evalset, reference, max(batches)),
+                               missing_hint=f" (run {MADE_BY[target.source]})",
+                               precision=precision)
+            rows += [(partial, identity) for partial in partials]
     return rows
 
 
@@ -191,7 +217,7 @@ def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dic
     if not availability[0]:
         log.warning("target %s is not available here: %s", target.name, availability[1])
     dataset = load_prepared(out_paths.dataset)
-    run_provenance = provenance.collect(target.threads, runtime=target.name)
+    run_provenance = provenance.collect(target.threads, runtime=target.runtime())
     rows = [complete_row(partial, identity, run_provenance) for model in cfg.models
             for partial, identity in model_rows(target, model, dataset, cfg, out_paths, hashes)]
     write_results(rows, target.name, availability, out_paths)
@@ -199,11 +225,11 @@ def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dic
 
 
 def size_mb(artifact: Path) -> float | None:
-    """Size of the artifact (with an ONNX file's external-data sidecar) in MB (10^6 bytes)."""
+    """Size of the artifact with the files that belong to it (ONNX external data, an IR's
+    weights) in MB (10^6 bytes)."""
     if not artifact.is_file():
         return None
-    sidecar = artifact.with_name(artifact.name + ".data")
-    return (artifact.stat().st_size + (sidecar.stat().st_size if sidecar.is_file() else 0)) / 1e6
+    return sum(path.stat().st_size for path in [artifact, *sidecar_files(artifact)]) / 1e6
 
 
 def csv_row(row: dict) -> dict:

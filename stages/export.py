@@ -25,9 +25,8 @@ import torch
 
 from pipeline.artifacts import TENSORRT_FLAVOR, artifact_path, card_path
 from pipeline.checkpoint import LoadedModel, load_model
-from pipeline.config import ExportConfig, ParityTolerance, RunConfig, as_dict
-from pipeline.data import Dataset, balanced_subset, load_prepared, normalize
-from pipeline.errors import DataError
+from pipeline.config import ExportConfig, RunConfig, as_dict
+from pipeline.data import load_prepared
 from pipeline.export.cards import (
     describe_source,
     embed_card,
@@ -35,10 +34,10 @@ from pipeline.export.cards import (
     provenance,
     write_card,
 )
+from pipeline.export.images import Images, prepare_images
 from pipeline.export.onnx_export import export_onnx, node_counts, save_onnx
 from pipeline.export.quantize import (
     TENSORRT_INT8_OPTIONS,
-    check_int8_drop,
     convert_fp16,
     quantize_int8_with_tensorrt,
 )
@@ -47,9 +46,11 @@ from pipeline.io import file_sha256, set_threads, write_json
 from pipeline.parity import (
     FP32_TOLERANCE,
     batched_logits,
-    check_parity,
-    measure_parity,
+    check_int8_drop,
+    consistency_gate,
+    reference_gates,
     runner_predictor,
+    tolerance_for,
     top1_accuracy,
     torch_predictor,
 )
@@ -76,33 +77,6 @@ class Settings:
     common: RunConfig
     export: ExportConfig
     onnxruntime: OnnxRuntimeCpuSettings = field(metadata={"resolved": "targets/onnxruntime-cpu"})
-
-
-@dataclass(frozen=True)
-class Images:
-    """Normalised float32 inputs, as the model was trained on them."""
-
-    test: np.ndarray  # the whole test split
-    labels: np.ndarray  # its labels
-    parity: np.ndarray  # the first export.parity_images test images
-    calibration: np.ndarray  # class-balanced training images for INT8 calibration
-
-
-def prepare_images(dataset: Dataset, meta: dict[str, Any], cfg: ExportConfig) -> Images:
-    if tuple(meta["classes"]) != tuple(dataset.classes):
-        raise DataError(f"the model was trained on classes {list(meta['classes'])[:5]}..., the "
-                        f"prepared dataset has {list(dataset.classes)[:5]}...; expected the same")
-    needed = cfg.quantize.calibration_images
-    if len(dataset.train) < needed:
-        raise DataError(f"INT8 calibration needs {needed} training images "
-                        f"(export.quantize.calibration_images); the prepared dataset has "
-                        f"{len(dataset.train)}")
-    shape = (1, -1, 1, 1)
-    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(shape)
-    std = torch.tensor(meta["std"], dtype=torch.float32).view(shape)
-    test = normalize(dataset.test.images, mean, std).numpy()
-    calibration = normalize(balanced_subset(dataset.train, needed).images, mean, std).numpy()
-    return Images(test, dataset.test.labels.numpy(), test[:cfg.parity_images], calibration)
 
 
 def build_variants(loaded: LoadedModel, cfg: ExportConfig, images: Images,
@@ -141,10 +115,6 @@ def export_details(variant: str, cfg: ExportConfig, name: str) -> dict[str, Any]
     return details
 
 
-def tolerance_for(variant: str, cfg: ExportConfig) -> ParityTolerance:
-    return {"fp16": cfg.fp16, "int8": cfg.int8}.get(VARIANTS[variant], FP32_TOLERANCE)
-
-
 def evaluate(path: Path, target: OnnxRuntimeCpuTarget, images: Images, batches: tuple[int, ...],
              eval_batch: int) -> tuple[dict[int, np.ndarray], float]:
     """Parity logits at each batch size and test-set top-1, through ONNX Runtime."""
@@ -153,22 +123,6 @@ def evaluate(path: Path, target: OnnxRuntimeCpuTarget, images: Images, batches: 
         logits = {b: batched_logits(predict, images.parity, b) for b in batches}
         top1 = top1_accuracy(batched_logits(predict, images.test, eval_batch), images.labels)
     return logits, top1
-
-
-def reference_gates(name: str, logits: dict[int, np.ndarray], reference: dict[int, np.ndarray],
-                    reference_name: str, tolerance: ParityTolerance) -> dict[str, Any]:
-    """The file's logits against a reference's, batch size by batch size."""
-    return {f"vs_{reference_name}_b{b}": check_parity(
-        measure_parity(reference[b], logits[b], reference_name, name, b), tolerance).as_dict()
-        for b in logits}
-
-
-def consistency_gate(name: str, logits: dict[int, np.ndarray],
-                     tolerance: ParityTolerance) -> dict[str, Any]:
-    """Batch 1 against the largest batch: per-sample results must not depend on the batch."""
-    small, large = min(logits), max(logits)
-    result = measure_parity(logits[large], logits[small], f"{name}@batch{large}", name, small)
-    return {"batch_consistency": check_parity(result, tolerance).as_dict()}
 
 
 def file_entry(path: Path, proto: onnx.ModelProto, precision: str, top1: float,
@@ -205,7 +159,7 @@ def verify_variants(paths: dict[str, Path], variants: dict[str, onnx.ModelProto]
     for variant, path in paths.items():
         log.info("verifying %s in ONNX Runtime", path.name)
         logits[variant], top1 = evaluate(path, target, images, batches, cfg.eval_batch)
-        tolerance = tolerance_for(variant, cfg)
+        tolerance = tolerance_for(VARIANTS[variant], cfg)
         parity = {**reference_gates(path.name, logits[variant], reference, "torch", tolerance),
                   **consistency_gate(path.name, logits[variant], tolerance)}
         if variant == "fp32":  # the simplifier must not change the exported function

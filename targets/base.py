@@ -2,12 +2,16 @@
 
     target = targets.registry.make_target(name, settings)   # settings: target.Settings
     ok, reason = target.available()              # never raises; reason says what is missing
-    artifact = target.build(onnx_path, out_dir)  # offline: ONNX -> runtime artifact (a Path)
-    with target.load(artifact) as runner:        # runner owns runtime/device resources
+    ok, reason = target.precision_available(p)   # e.g. bf16 needs a CPU that has it
+    artifact = target.build(source, out_dir)     # offline: its source file -> runtime artifact
+    with target.load(artifact, p) as runner:     # runner owns runtime/device resources
         outputs = runner.infer({"input": batch}) # checks names, dtypes and shapes first
         stats = runner.benchmark(feeds, plan)    # LatencyStats
 
-Heavy runtimes are imported inside methods, so `import targets` works on any machine.
+`Target.source` says which shipped file a target starts from: an ONNX file, a PyTorch model
+file, or a file another stage converted for that runtime (OpenVINO IR, ExecuTorch program;
+names in pipeline.artifacts.FORMATS). Heavy runtimes are imported inside methods, so
+`import targets` works on any machine.
 """
 
 import os
@@ -20,7 +24,12 @@ import numpy as np
 
 from pipeline.artifacts import artifact_path
 from pipeline.errors import FeedError, PipelineError, TargetUnavailable
+from pipeline.provenance import package_versions
 from pipeline.timing import LatencyStats, TimingPlan, measure_latency
+
+# What `Target.build` starts from: "onnx" (artifacts/<m>.<p>.onnx), "checkpoint"
+# (models/<m>.pt), or a format converted for one runtime (pipeline.artifacts.FORMATS).
+SourceKind = Literal["onnx", "checkpoint", "openvino", "executorch"]
 
 
 class UnsupportedOperation(PipelineError):
@@ -78,6 +87,9 @@ class Runner(ABC):
     # What a runner learned about the device it runs on, for the results' provenance; local
     # runners leave it None (provenance.collect describes this machine), remote ones fill it.
     device_info: dict[str, Any] | None = None
+    # What the runtime reports it runs with (e.g. inference precision, threads, streams), for
+    # the results' provenance; None when it reports nothing beyond the target's settings.
+    runtime_info: dict[str, Any] | None = None
 
     def __enter__(self) -> "Runner":
         return self
@@ -125,12 +137,14 @@ class Target(ABC):
     name: ClassVar[str]  # as written in params.yaml
     precisions: ClassVar[tuple[str, ...]]  # e.g. ("fp32", "int8")
     dynamic_batch: ClassVar[bool]  # one artifact serves every batch size
-    # What `build` takes: "onnx" (an exported .onnx) or "checkpoint" (a models/<m>.pt file).
-    source: ClassVar[Literal["onnx", "checkpoint"]] = "onnx"
+    source: ClassVar[SourceKind] = "onnx"  # what `build` takes (see SourceKind)
     settings_key: ClassVar[str]  # its section under `runtimes` (targets may share one)
     Settings: ClassVar[type]  # pydantic dataclass of that section
     # precision -> flavor of the ONNX file it reads (pipeline.artifacts), where not the default
     onnx_flavors: ClassVar[dict[str, str]] = {}
+    # The package whose version identifies the runtime in the results' provenance; None when
+    # the runtime is not on this machine (a remote device reports its own versions).
+    runtime_package: ClassVar[str | None] = None
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
@@ -140,17 +154,39 @@ class Target(ABC):
         """Intra-op threads the runtime is given (0 = its own default), for provenance."""
         return int(self.settings.threads)
 
+    def runtime(self) -> str:
+        """'<package> <version>' of the runtime, for the results' provenance."""
+        if self.runtime_package is None:
+            return self.name
+        version = package_versions((self.runtime_package,))[self.runtime_package]
+        return f"{self.runtime_package} {version or '(not installed)'}"
+
     @abstractmethod
     def available(self) -> tuple[bool, str]:
         """(True, "") or (False, why): a missing package, device, or host."""
 
-    @abstractmethod
-    def build(self, onnx_path: Path, out_dir: Path) -> Path:
-        """Turn an ONNX file into this target's artifact (may be the ONNX file itself)."""
+    def precision_available(self, precision: str) -> tuple[bool, str]:
+        """(True, "") or (False, why) for one precision on this machine; call it once the
+        target is available. Targets whose precisions depend on the hardware override it."""
+        if precision not in self.precisions:
+            return False, (f"target {self.name!r} does not run {precision}; it runs "
+                           f"{list(self.precisions)}")
+        return True, ""
+
+    def source_precision(self, precision: str) -> str:
+        """The precision of the shipped file a `precision` row runs: the file's own precision,
+        unless the runtime lowers it while compiling (OpenVINO's bf16 runs the fp32 IR)."""
+        return precision
 
     @abstractmethod
-    def load(self, artifact: Path) -> Runner:
-        """A runner for a built artifact."""
+    def build(self, source: Path, out_dir: Path) -> Path:
+        """Turn a source file (kind `source`) into this target's artifact (may be the file
+        itself)."""
+
+    @abstractmethod
+    def load(self, artifact: Path, precision: str | None = None) -> Runner:
+        """A runner for a built artifact; `precision` is the row's precision, for runtimes that
+        choose it when compiling (None: the precision the file was made in)."""
 
     def require_available(self) -> None:
         ok, reason = self.available()

@@ -3,6 +3,8 @@
     prune-deploy targets                      # every target, available or not and why
     prune-deploy bench m.onnx --target onnxruntime-cpu --batch 1 64
     prune-deploy bench models/m.pt --target torch-cpu --threads 2 --json out.json
+    prune-deploy bench m.fp32.onnx --target openvino-cpu --precision bf16
+    prune-deploy bench m.fp32.b1.pte --target executorch-xnnpack --batch 1
     prune-deploy bench m.onnx --target ssh-onnxruntime --host pi@10.0.0.2 --known-hosts kh
     prune-deploy build m.fp16.onnx --target tensorrt --out-dir engines/   # engine + its card
     prune-deploy build m.fp16.onnx --target ssh-tensorrt --host pi@jetson --known-hosts kh
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import provenance
-from pipeline.artifacts import card_path, precision_of
+from pipeline.artifacts import PRECISIONS, card_path, precision_of
 from pipeline.config import SectionError, TimingPlan, validate
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io import file_sha256, write_json
@@ -105,6 +107,8 @@ SETTINGS_FROM_ARGS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = 
     "onnxruntime": lambda a: {"graph_optimization": a.graph_optimization,
                               "intra_op_threads": a.threads, "inter_op_threads": 1,
                               "providers": a.providers},
+    "openvino": lambda a: {"threads": a.threads},
+    "executorch": lambda a: {"threads": a.threads},
     "ssh": lambda a: {"host": a.host, "port": a.port, "key_file": a.key,
                       "known_hosts": a.known_hosts, "ssh_config": a.ssh_config,
                       "remote_python": a.remote_python, "remote_tmp": a.remote_tmp,
@@ -152,20 +156,22 @@ def random_feeds(rng: np.random.Generator):
 
 def verify_model(path: Path, trust_without_card: bool) -> dict[str, Any]:
     """What was checked about `path` before it is loaded or sent anywhere (for the rows)."""
-    from pipeline.export.cards import load_verified_onnx
+    from pipeline.export.cards import load_verified_onnx, verified_card
     from pipeline.export.onnx_export import external_data_files
 
     if path.suffix == ".pt":
         return {"sha256": file_sha256(path), "verified_by": "weights-only load (no code runs)"}
-    external_data_files(path)  # refuses data files outside the model's folder, card or not
+    if path.suffix == ".onnx":
+        external_data_files(path)  # refuses data files outside the model's folder, card or not
     card = card_path(path)
     if card.exists():
-        return {"sha256": load_verified_onnx(path).card["sha256"],
-                "verified_by": f"model card {card.name}"}
+        sha256 = (load_verified_onnx(path).card if path.suffix == ".onnx"
+                  else verified_card(path))["sha256"]
+        return {"sha256": sha256, "verified_by": f"model card {card.name}"}
     if not trust_without_card:
-        raise UsageError(f"{path}: no model card ({card.name}) beside it; ONNX files are checked "
-                         "against their card's sha256 before they are loaded or sent to a "
-                         "device. To benchmark a file of your own that has no card, pass "
+        raise UsageError(f"{path}: no model card ({card.name}) beside it; shipped files are "
+                         "checked against their card's sha256 before they are loaded or sent to "
+                         "a device. To benchmark a file of your own that has no card, pass "
                          "--no-card (the rows record it)")
     return {"sha256": file_sha256(path), "verified_by": "nothing (--no-card)"}
 
@@ -191,6 +197,8 @@ def image_input(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
 
         shape = read_checkpoint(path).get("meta", {}).get("input_shape")
         return (tuple(int(v) for v in shape), np.dtype(np.float32)) if shape else None
+    if path.suffix != ".onnx":
+        return None  # IR and ExecuTorch programs: their runtime checks the batch it is given
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
@@ -238,9 +246,11 @@ def bench(args: argparse.Namespace) -> int:
     plan = timing_plan(args)
     checked = verify_model(args.model, args.no_card)  # before anything loads or uploads it
     check_batches_fit(args.batch, args.model)
-    run = provenance.collect(target.threads, runtime=target.name)
-    precision = "fp32" if args.model.suffix == ".pt" else precision_of(args.model)
-    measured = measure(target, args.model, args.batch, plan, random_feeds(np.random.default_rng(0)))
+    run = provenance.collect(target.threads, runtime=target.runtime())
+    precision = args.precision or ("fp32" if args.model.suffix == ".pt"
+                                   else precision_of(args.model))
+    measured = measure(target, args.model, args.batch, plan,
+                       random_feeds(np.random.default_rng(0)), precision=precision)
     rows = [{"model": str(args.model), "target": target.name, "precision": precision, **checked,
              **row, "provenance": run} for row in measured]
     for row in rows:
@@ -316,10 +326,15 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("targets", parents=[target_options()], help="list targets")
     run = commands.add_parser("bench", parents=[target_options()],
                               help="benchmark one model file on one target")
-    run.add_argument("model", type=existing_file, help=".onnx file (or .pt for torch-* targets)")
+    run.add_argument("model", type=existing_file,
+                     help=".onnx file (or .pt for torch-* targets, .xml IR for openvino-cpu, "
+                          ".pte for executorch-xnnpack)")
     run.add_argument("--target", required=True, help="target name (see `prune-deploy targets`)")
     run.add_argument("--batch", type=number(int, 1), nargs="+", default=[1, 64],
                      help="batch sizes (bounded by the memory available)")
+    run.add_argument("--precision", choices=PRECISIONS,
+                     help="precision to run at (default: the one in the file name, else fp32); "
+                          "e.g. bf16 on openvino-cpu runs an fp32 file in bf16")
     run.add_argument("--warmup-iters", type=number(int, 0), default=10)
     run.add_argument("--warmup-seconds", type=number(float, 0), default=0.5)
     run.add_argument("--min-iters", type=number(int, 1), default=50)

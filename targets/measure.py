@@ -1,6 +1,7 @@
 """The one measuring path, shared by the benchmark stage and `prune-deploy bench`.
 
-For one artifact on one target: build it (offline, in a temp folder), load it, optionally
+For one artifact on one target at one precision: build it (offline, in a temp folder), load it
+(the precision goes to runtimes that choose it when compiling, e.g. OpenVINO's bf16), optionally
 measure accuracy through the runtime once, then the latency distribution per batch size with
 the warm-up/stopping rule of pipeline.timing. Every outcome is a row - ok, skipped (target or
 batch size not available, with the reason) or failed (with the error) - never a missing one,
@@ -63,28 +64,42 @@ def _measure_loaded(runner: Runner, source: Path, batch_sizes: Sequence[int], pl
     for batch in batch_sizes:
         fields = _batch_row(runner, batch, plan, feeds)
         device = dict(runner.device_info) if runner.device_info else None  # a copy per row
-        rows.append({"batch_size": batch, **shared, **fields, "device": device})
+        runtime = dict(runner.runtime_info) if runner.runtime_info else None
+        rows.append({"batch_size": batch, **shared, **fields, "device": device,
+                     "runtime_info": runtime})
         log.info("%s b%d: %s %s", source.name, batch, fields["status"],
                  f"p50 {fields['p50_ms']:.3f} ms" if "p50_ms" in fields else fields["reason"])
     return rows
 
 
-def measure(target: Target, source: Path, batch_sizes: Sequence[int], plan: TimingPlan,
-            feeds: FeedsFn, accuracy: AccuracyFn | None = None,
-            missing_hint: str = "") -> list[dict[str, Any]]:
-    """Rows (one per batch size) for `source` (an ONNX or model file) built and run on
-    `target`. `missing_hint` is appended to the reason when `source` does not exist."""
-    source = Path(source)
+def _unavailable(target: Target, precision: str | None) -> str:
+    """Why `target` cannot run `precision` here, or "" when it can."""
     ok, reason = target.available()
     if not ok:
-        return _every_batch(batch_sizes, "skipped", f"target {target.name!r} is not available: "
-                            f"{reason}")
+        return f"target {target.name!r} is not available: {reason}"
+    if precision is not None:
+        ok, reason = target.precision_available(precision)
+        if not ok:
+            return f"{precision} on target {target.name!r} is not available here: {reason}"
+    return ""
+
+
+def measure(target: Target, source: Path, batch_sizes: Sequence[int], plan: TimingPlan,
+            feeds: FeedsFn, accuracy: AccuracyFn | None = None, missing_hint: str = "",
+            precision: str | None = None) -> list[dict[str, Any]]:
+    """Rows (one per batch size) for `source` (a file of the target's `source` kind) built and
+    run on `target` at `precision` (None: the file's own). `missing_hint` is appended to the
+    reason when `source` does not exist."""
+    source = Path(source)
+    why_not = _unavailable(target, precision)
+    if why_not:
+        return _every_batch(batch_sizes, "skipped", why_not)
     if not source.is_file():
         return _every_batch(batch_sizes, "failed", f"{source} not found{missing_hint}")
     try:
         with tempfile.TemporaryDirectory() as build_dir:
             built = target.build(source, Path(build_dir))  # runtime-side files live only here
-            with target.load(built) as runner:
+            with target.load(built, precision) as runner:
                 return _measure_loaded(runner, source, batch_sizes, plan, feeds, accuracy)
     except TargetUnavailable as err:  # e.g. the edge device lacks the runtime
         return _every_batch(batch_sizes, "skipped", str(err))

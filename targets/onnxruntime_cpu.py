@@ -86,6 +86,7 @@ class OnnxRuntimeCpuTarget(Target):
     dynamic_batch: ClassVar[bool] = True
     settings_key: ClassVar[str] = "onnxruntime"
     Settings: ClassVar[type] = OnnxRuntimeCpuSettings
+    runtime_package: ClassVar[str] = "onnxruntime"
 
     @property
     def threads(self) -> int:
@@ -149,7 +150,8 @@ class OnnxRuntimeCpuTarget(Target):
                                  f"(expected {tmp})")
         return artifact
 
-    def load(self, artifact: Path) -> OnnxRuntimeRunner:
-        """A runner for a built artifact or directly for any .onnx file."""
+    def load(self, artifact: Path, precision: str | None = None) -> OnnxRuntimeRunner:
+        """A runner for a built artifact or directly for any .onnx file (its precision is the
+        file's)."""
         artifact = Path(artifact)
         return OnnxRuntimeRunner(self._session(artifact), artifact)

@@ -19,6 +19,8 @@ _CLASSES: dict[str, str] = {
     "torch-cpu": "targets.torch_eager:TorchCpuTarget",
     "torch-cuda": "targets.torch_cuda:TorchCudaTarget",
     "torch-cuda-graphs": "targets.torch_cuda:TorchCudaGraphsTarget",
+    "openvino-cpu": "targets.openvino_cpu:OpenVinoCpuTarget",
+    "executorch-xnnpack": "targets.executorch_xnnpack:ExecuTorchXnnpackTarget",
     "ssh-onnxruntime": "targets.ssh:SshOnnxRuntimeTarget",
     "ssh-tensorrt": "targets.ssh:SshTensorRtTarget",
     "tensorrt": "targets.tensorrt:TensorRtTarget",

@@ -446,7 +446,7 @@ class SshOnnxRuntimeTarget(SshTarget):
 
     name: ClassVar[str] = "ssh-onnxruntime"
 
-    def load(self, artifact: Path) -> SshOnnxRuntimeRunner:
+    def load(self, artifact: Path, precision: str | None = None) -> SshOnnxRuntimeRunner:
         self.require_available()
         return SshOnnxRuntimeRunner(self.settings, Path(artifact))
 
@@ -458,9 +458,11 @@ class SshTensorRtTarget(SshTarget, EngineBuilder):
     onnx_flavors: ClassVar[dict[str, str]] = {"int8": TENSORRT_FLAVOR}
     engines_run_here: ClassVar[bool] = False  # they run on the device
 
-    def load(self, artifact: Path) -> SshTrtexecRunner:
+    def load(self, artifact: Path, precision: str | None = None) -> SshTrtexecRunner:
+        """trtexec builds the engine on the device at `precision` (default: the file's)."""
         self.require_available()
-        return SshTrtexecRunner(self.settings, Path(artifact), precision_of(Path(artifact)))
+        return SshTrtexecRunner(self.settings, Path(artifact),
+                                precision or precision_of(Path(artifact)))
 
     def build_engine(self, onnx_path: Path, out_dir: Path, build: TensorRtSettings) -> Path:
         """Build on the device; write out_dir/<model>.<precision>.ssh-tensorrt.engine, its card

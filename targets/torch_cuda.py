@@ -122,6 +122,7 @@ class TorchCudaTarget(Target):
     source = "checkpoint"  # runs models/<m>.pt, not an ONNX file
     settings_key: ClassVar[str] = "torch"
     Settings: ClassVar[type] = TorchSettings
+    runtime_package: ClassVar[str] = "torch"
     graphs: ClassVar[bool] = False
 
     def available(self) -> tuple[bool, str]:
@@ -130,7 +131,7 @@ class TorchCudaTarget(Target):
     def build(self, onnx_path: Path, out_dir: Path) -> Path:
         return checkpoint_source(onnx_path)
 
-    def load(self, artifact: Path) -> TorchCudaRunner:
+    def load(self, artifact: Path, precision: str | None = None) -> TorchCudaRunner:
         from pipeline.checkpoint import load_model
 
         self.require_available()

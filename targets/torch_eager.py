@@ -79,6 +79,7 @@ class TorchCpuTarget(Target):
     source = "checkpoint"  # runs models/<m>.pt, not an ONNX file
     settings_key: ClassVar[str] = "torch"
     Settings: ClassVar[type] = TorchSettings
+    runtime_package: ClassVar[str] = "torch"
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -90,7 +91,7 @@ class TorchCpuTarget(Target):
     def build(self, onnx_path: Path, out_dir: Path) -> Path:
         return checkpoint_source(onnx_path)
 
-    def load(self, artifact: Path) -> TorchCpuRunner:
+    def load(self, artifact: Path, precision: str | None = None) -> TorchCpuRunner:
         from pipeline.checkpoint import load_model
 
         self.require_available()

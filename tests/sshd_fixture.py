@@ -69,7 +69,8 @@ def tiny_onnx(checkpoint: Path, path: Path) -> Path:
 
 
 def with_card(path: Path, model: str = "m") -> Path:
-    """Give a test ONNX file a model card, as the export stage does (embedded and beside it)."""
+    """Give a test file a model card, as the export stages do (beside it; ONNX files also embed
+    it)."""
     import onnx
 
     from pipeline.artifacts import precision_of
@@ -77,6 +78,9 @@ def with_card(path: Path, model: str = "m") -> Path:
     from pipeline.export.onnx_export import save_onnx
 
     card = {"format": CARD_FORMAT, "model": model, "precision": precision_of(path)}
+    if path.suffix != ".onnx":  # an OpenVINO IR or an ExecuTorch program
+        write_card(path, card)
+        return path
     proto = onnx.load(path)
     embed_card(proto, card)
     save_onnx(proto, path)

@@ -21,6 +21,7 @@ from pipeline.export.cards import (
     make_card,
     provenance,
     read_onnx,
+    verified_card,
     write_card,
 )
 from pipeline.export.onnx_export import save_onnx
@@ -188,3 +189,18 @@ def test_a_file_with_external_data_is_refused_even_with_a_matching_card(source, 
     with pytest.raises(ArtifactIntegrityError, match=r"tensor 'unused' keeps its data in "
                                                      r"'unused.bin'.*sha256 covers them"):
         load_verified_onnx(path)
+def test_a_card_hashes_the_files_that_belong_to_its_file(source, tmp_path):
+    """An OpenVINO IR is two files: a changed or missing .bin is refused like the .xml."""
+    xml, weights = tmp_path / "m.fp32.xml", tmp_path / "m.fp32.bin"
+    xml.write_text("<net/>")
+    weights.write_bytes(b"\x00" * 64)
+    write_card(xml, make_card(source, "fp32", 18, {}, {}))
+    card = verified_card(xml)
+    assert card["sidecars"] == [{"file": "m.fp32.bin", "sha256": file_sha256(weights),
+                                 "size_bytes": 64}]
+    weights.write_bytes(b"\x01" * 64)
+    with pytest.raises(ArtifactIntegrityError, match=r"m.fp32.bin: sha256 .* does not match"):
+        verified_card(xml)
+    weights.unlink()
+    with pytest.raises(ArtifactIntegrityError, match=r"m.fp32.bin: file not found \(its card"):
+        verified_card(xml)

@@ -34,6 +34,8 @@ def test_targets_lists_every_target_with_availability(capsys):
     listed = {line.split()[0]: line for line in lines[1:]}
     assert set(listed) == set(target_names())
     assert listed["onnxruntime-cpu"].split()[1] == "yes"
+    assert listed["openvino-cpu"].split()[2] == "fp32,bf16,int8"
+    assert listed["executorch-xnnpack"].split()[3] == "no"  # one program per batch size
     assert listed["ssh-onnxruntime"].split()[1] == "no"
     assert "no edge device configured" in listed["ssh-onnxruntime"]
 
@@ -75,14 +77,15 @@ def test_bench_reports_the_same_rows_as_the_stage_measuring_path(files, tmp_path
     calls = []
     real = cli.measure
 
-    def spy(target, source, batch_sizes, plan, feeds, accuracy=None, missing_hint=""):
-        calls.append((target.name, Path(source), tuple(batch_sizes), plan.min_iters))
-        return real(target, source, batch_sizes, plan, feeds, accuracy, missing_hint)
+    def spy(target, source, batch_sizes, plan, feeds, accuracy=None, missing_hint="",
+            precision=None):
+        calls.append((target.name, Path(source), tuple(batch_sizes), plan.min_iters, precision))
+        return real(target, source, batch_sizes, plan, feeds, accuracy, missing_hint, precision)
 
     monkeypatch.setattr(cli, "measure", spy)
     assert main(["bench", str(files[1]), "--target", "onnxruntime-cpu", "--batch", "1",
                  *FAST]) == 0
-    assert calls == [("onnxruntime-cpu", files[1], (1,), 3)]
+    assert calls == [("onnxruntime-cpu", files[1], (1,), 3, "int8")]  # from the file name
 
 
 def test_bench_broken_file_is_refused_before_loading(tmp_path, capsys):

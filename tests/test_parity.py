@@ -15,7 +15,10 @@ from pipeline.parity import (
     batched_logits,
     check_parity,
     compare_logits,
+    consistency_gate,
+    fixed_batch_predictor,
     measure_parity,
+    reference_gates,
     runner_predictor,
     top1_accuracy,
     torch_predictor,
@@ -155,3 +158,36 @@ def test_top1_accuracy():
 def test_torch_predictor_refuses_a_model_in_training_mode():
     with pytest.raises(ParityError, match="training mode"):
         torch_predictor(TinyCnn().train())
+
+
+def test_batch_consistency_gate_fails_on_batch_dependent_results():
+    together = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    alone = together.copy()
+    alone[7] += 0.5  # one sample changes when it runs alone
+    with pytest.raises(ParityError, match=r"m.onnx vs m.onnx@batch64 at batch 1"):
+        consistency_gate("m.onnx", {1: alone, 64: together}, FP32_TOLERANCE)
+    passed = consistency_gate("m.onnx", {1: together, 64: together}, FP32_TOLERANCE)
+    assert passed["batch_consistency"]["rel_diff"] == 0.0
+
+
+def test_reference_gates_are_keyed_by_reference_and_batch():
+    logits = np.random.default_rng(0).standard_normal((8, 4))
+    gates = reference_gates("m.xml", {1: logits, 4: logits}, {1: logits, 4: logits},
+                            "onnxruntime", FP32_TOLERANCE)
+    assert set(gates) == {"vs_onnxruntime_b1", "vs_onnxruntime_b4"}
+    with pytest.raises(ParityError, match="m.xml vs onnxruntime at batch 4"):
+        reference_gates("m.xml", {4: logits + 1}, {4: logits}, "onnxruntime", FP32_TOLERANCE)
+
+
+def test_fixed_batch_predictor_pads_the_tail_and_drops_the_padding():
+    seen = []
+
+    def predict(images):
+        seen.append(len(images))
+        assert len(images) == 4, "a fixed-batch runtime only takes its batch"
+        return images.reshape(len(images), -1)[:, :2] * 2
+
+    images = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    logits = batched_logits(fixed_batch_predictor(predict, 4), images, 4)
+    assert seen == [4, 4, 4] and logits.shape == (10, 2)
+    np.testing.assert_array_equal(logits, images[:, :2] * 2)

@@ -16,14 +16,13 @@ from pipeline.export.onnx_export import export_onnx, tensor_dims
 from pipeline.export.qdq import QDQ_OPS, audit, precision_problems
 from pipeline.export.quantize import (
     ImageBatches,
-    check_int8_drop,
     check_tensorrt_int8,
     convert_fp16,
     quantize_int8,
     quantize_int8_with_tensorrt,
 )
 from pipeline.export.simplify import simplify
-from pipeline.parity import compare_logits
+from pipeline.parity import check_int8_drop, compare_logits
 
 
 def quantize_config(**overrides) -> QuantizeConfig:

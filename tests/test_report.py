@@ -8,6 +8,7 @@ import pytest
 from pipeline.config import BenchmarkConfig, ReportConfig, TimingPlan
 from pipeline.report import (
     ReportError,
+    fastest_table,
     load_rows,
     markdown_table,
     pruning_findings,
@@ -120,3 +121,27 @@ def test_bad_inputs_are_report_errors(tmp_path):
         load_rows([tmp_path / "missing.json"])
     with pytest.raises(ReportError, match="no benchmark rows"):
         write_report([], SETTINGS, MODELS, tmp_path)
+
+
+def test_fastest_runtime_per_model_precision_and_batch():
+    rows = [*ROWS,
+            row("student_final", "openvino-cpu", "fp32", 1, 1.6, 0.915),
+            row("student_final", "openvino-cpu", "bf16", 1, 0.9, 0.91),
+            row("student_final", "executorch-xnnpack", "int8", 1, 0.5, 0.9)]
+    table = fastest_table(rows, MODELS)
+    assert ("| student_final | fp32 | 1 | openvino-cpu | 1.600 | onnxruntime-cpu | 2.000 | 1.25x |"
+            in table)
+    assert "| teacher | fp32 | 1 | onnxruntime-cpu | 6.000 | torch-cpu | 8.000 | 1.33x |" in table
+    assert "| student_final | int8 | 1 | executorch-xnnpack | 0.500 | — | — | — |" in table
+    lines = table.splitlines()  # precisions in the order fp32, bf16, int8
+    assert [line.split(" | ")[1] for line in lines if "student_final" in line] == [
+        "fp32", "bf16", "int8"]
+    assert "torch-cuda" not in table and "ssh-onnxruntime" not in table  # measured nothing
+
+
+def test_provenance_names_the_runtime_version_when_recorded(tmp_path):
+    measured = {**row("teacher", "openvino-cpu", "fp32", 1, 6.0, 0.93),
+                "provenance": {**PROV, "runtime": "openvino 2026.4.1"}}
+    text = write_report([measured], SETTINGS, MODELS, tmp_path)["report"].read_text()
+    assert "- openvino-cpu (openvino 2026.4.1): Test CPU (2 cores, 2 threads)" in text
+    assert "## Fastest runtime" in text

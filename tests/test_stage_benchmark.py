@@ -203,3 +203,67 @@ def test_a_mismatched_artifact_is_never_uploaded(workspace, sshd_server, tmp_pat
                                                            settings_for(sshd_server)),
             paths(root, "ssh-onnxruntime"))
     assert sorted(sshd_server.folder.glob("prune-deploy.*")) == []  # no temp folder was made
+OPENVINO = make_target("openvino-cpu", {"threads": 1})
+EXECUTORCH = make_target("executorch-xnnpack", {"threads": 1})
+
+
+@pytest.mark.skipif(not OPENVINO.available()[0], reason=OPENVINO.available()[1])
+def test_openvino_rows_run_the_shipped_ir_and_bf16_compiles_the_fp32_one(workspace):
+    folder = workspace / "artifacts" / "openvino" / "teacher"
+    with_card(OPENVINO.build(workspace / "artifacts" / "teacher.fp32.onnx", folder), "teacher")
+    rows = run(config({"openvino-cpu": ("fp32", "bf16", "int8")}, models=MODELS[:1]),
+               OPENVINO, paths(workspace, "openvino-cpu"))
+    fp32, bf16, int8 = rows[0:2], rows[2:4], rows[4:6]
+    assert [r["status"] for r in fp32] == ["ok", "ok"] and fp32[0]["agreement"] == 1.0
+    assert fp32[0]["artifact"] == bf16[0]["artifact"] == str(folder / "teacher.fp32.xml")
+    assert fp32[0]["size_mb"] > (folder / "teacher.fp32.xml").stat().st_size / 1e6  # + .bin
+    prov = fp32[0]["provenance"]
+    assert prov["runtime"].startswith("openvino 20") and prov["packages"]["openvino"]
+    assert prov["runtime_info"]["inference_precision"] == "f32" and prov["threads"] == 1
+    if OPENVINO.precision_available("bf16")[0]:
+        assert [r["status"] for r in bf16] == ["ok", "ok"]
+        assert bf16[0]["provenance"]["runtime_info"]["inference_precision"] == "bf16"
+    else:
+        assert {r["status"] for r in bf16} == {"skipped"}
+    assert {r["status"] for r in int8} == {"failed"}
+    assert "teacher.int8.xml not found (run the export_openvino stage)" in int8[0]["reason"]
+
+
+@pytest.mark.slow  # lowers two programs
+@pytest.mark.skipif(not EXECUTORCH.available()[0], reason=EXECUTORCH.available()[1])
+def test_executorch_rows_run_one_program_per_batch_size(workspace):
+    from pipeline.export.executorch import export_programs
+
+    folder = workspace / "artifacts" / "executorch" / "student_final"
+    folder.mkdir(parents=True)
+    model = load_model(workspace / "models" / "student_final.pt").model
+    for batch, program in export_programs(model, "fp32", (1, 4), (3, 32, 32)).items():
+        (folder / f"student_final.fp32.b{batch}.pte").write_bytes(program.buffer)
+        with_card(folder / f"student_final.fp32.b{batch}.pte", "student_final")
+    rows = run(config({"executorch-xnnpack": ("fp32", "int8")}, models=MODELS[1:]), EXECUTORCH,
+               paths(workspace, "executorch-xnnpack"))
+    assert [(r["precision"], r["batch_size"], r["status"]) for r in rows] == [
+        ("fp32", 1, "ok"), ("fp32", 4, "ok"), ("int8", 1, "failed"), ("int8", 4, "failed")]
+    assert [Path(r["artifact"]).name for r in rows[:2]] == ["student_final.fp32.b1.pte",
+                                                             "student_final.fp32.b4.pte"]
+    assert rows[0]["agreement"] == rows[1]["agreement"] == 1.0 and rows[1]["eval_images"] == 12
+    assert rows[0]["provenance"]["runtime_info"] == {"threadpool_threads": 1}
+    assert "(run the export_executorch stage)" in rows[2]["reason"]
+
+
+@pytest.mark.parametrize(("name", "package"), [("openvino-cpu", "openvino"),
+                                               ("executorch-xnnpack", "executorch")])
+def test_a_missing_extra_gives_skipped_rows_with_the_reason(workspace, monkeypatch, name,
+                                                            package):
+    import sys
+
+    for module in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setitem(sys.modules, package, None)  # importing it now raises ImportError
+    out = paths(workspace, name)
+    rows = run(config({name: ("fp32", "int8")}), make_target(name, {"threads": 1}), out)
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"skipped"}
+    assert all(f"{package} is not installed" in r["reason"] and f"[{package}]" in r["reason"]
+               for r in rows)
+    saved = json.loads(out.metrics.read_text())
+    assert saved["available"] is False and f"{package} is not installed" in saved["reason"]

@@ -1,11 +1,13 @@
 """Model cards: what a shipped file is, where it came from, and the hash that ties the two.
 
 Every shipped file gets a card beside it (pipeline.artifacts.card_path): `teacher.fp32.onnx` ->
-`teacher.fp32.card.json`. The same card, minus the fields that depend on the file's own bytes
-(file, sha256, size_bytes, metrics), is embedded in the ONNX file's metadata_props under
-`prune_deploy.card`, so a file separated from its card still says what it is.
-`load_verified_onnx` refuses a file whose bytes do not hash to its card's sha256, whose embedded
-card disagrees with the card file, or that is not ONNX.
+`teacher.fp32.card.json`; the card also hashes the files that belong to it (an OpenVINO IR's
+.bin, ONNX external data). In ONNX files the same card, minus the fields that depend on the
+file's own bytes (file, sha256, size_bytes, sidecars, metrics), is embedded in metadata_props
+under `prune_deploy.card`, so a file separated from its card still says what it is.
+`verified_card` refuses any shipped file whose bytes (or a sidecar's) do not hash to its card;
+`load_verified_onnx` also refuses an ONNX file whose embedded card disagrees with the card file,
+or that is not ONNX.
 
 Engines (`teacher.fp16.tensorrt.engine`) get an engine card (`teacher.fp16.tensorrt.card.json`):
 how and where the engine was built (TensorRT version, GPU and compute capability, platform,
@@ -23,7 +25,7 @@ from typing import Any
 
 import onnx
 
-from pipeline.artifacts import card_path
+from pipeline.artifacts import card_path, sidecar_files
 from pipeline.checkpoint import LoadedModel
 from pipeline.errors import ArtifactIntegrityError, CheckpointError
 from pipeline.export.onnx_export import (
@@ -36,7 +38,7 @@ from pipeline.io import file_sha256, write_json
 
 CARD_FORMAT = "prune-deploy/card/1"
 CARD_KEY = "prune_deploy.card"  # metadata_props key of the embedded card
-FILE_FIELDS = ("file", "sha256", "size_bytes", "metrics")  # only in the .card.json
+FILE_FIELDS = ("file", "sha256", "size_bytes", "sidecars", "metrics")  # only in the .card.json
 REQUIRED_META = ("classes", "mean", "std", "input_shape", "dataset", "params", "macs", "top1")
 TOOL_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "onnxslim")
 
@@ -47,11 +49,12 @@ class VerifiedOnnx:
     card: dict[str, Any]  # the .card.json, whose sha256 matches the file
 
 
-def provenance() -> dict[str, Any]:
-    """Git revision and tool versions; runs `git`, so call it once per stage, not per file."""
+def provenance(tools: tuple[str, ...] = TOOL_PACKAGES) -> dict[str, Any]:
+    """Git revision and versions of `tools`; runs `git`, so call it once per stage, not per
+    file."""
     from pipeline.provenance import git_revision, package_versions
 
-    return {"git_revision": git_revision(), "tools": package_versions(TOOL_PACKAGES)}
+    return {"git_revision": git_revision(), "tools": package_versions(tools)}
 
 
 def describe_source(loaded: LoadedModel, model_path: str | os.PathLike,
@@ -84,9 +87,10 @@ def describe_source(loaded: LoadedModel, model_path: str | os.PathLike,
     }
 
 
-def make_card(source: dict[str, Any], precision: str, opset: int, export: dict[str, Any],
+def make_card(source: dict[str, Any], precision: str, opset: int | None, export: dict[str, Any],
               provenance_record: dict[str, Any]) -> dict[str, Any]:
-    """A card for one file (without its hash: write_card adds that once the file exists)."""
+    """A card for one file (without its hash: write_card adds that once the file exists);
+    `opset` is the ONNX opset the file is or was converted from (None: not from ONNX)."""
     return {"format": CARD_FORMAT, **source, "precision": precision, "opset": opset,
             "export": export, "provenance": provenance_record}
 
@@ -117,10 +121,14 @@ def embedded_card(proto: onnx.ModelProto) -> dict[str, Any] | None:
 
 def write_card(artifact: str | os.PathLike, card: dict[str, Any],
                metrics: dict[str, Any] | None = None) -> Path:
-    """Write `<artifact>.card.json` with the file's name, size and sha256 (atomically)."""
+    """Write `<artifact>.card.json` with the name, size and sha256 of the file and of each
+    file that belongs to it (atomically)."""
     artifact = Path(artifact)
+    sidecars = [{"file": path.name, "sha256": file_sha256(path),
+                 "size_bytes": path.stat().st_size} for path in sidecar_files(artifact)]
     full = {**card, "file": artifact.name, "sha256": file_sha256(artifact),
-            "size_bytes": artifact.stat().st_size, "metrics": metrics or {}}
+            "size_bytes": artifact.stat().st_size, "sidecars": sidecars,
+            "metrics": metrics or {}}
     path = card_path(artifact)
     write_json(path, full)
     return path
@@ -164,16 +172,29 @@ def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def _check_hash(path: Path, expected: str, card: Path) -> None:
+    if not path.is_file():
+        raise ArtifactIntegrityError(f"{path}: file not found (its card {card} exists)")
+    digest = file_sha256(path)
+    if digest != expected:
+        raise ArtifactIntegrityError(f"{path}: sha256 {digest} does not match its card's "
+                                     f"{expected}; the file was changed or truncated")
+
+
+def verified_card(path: str | os.PathLike) -> dict[str, Any]:
+    """The card of a shipped file, after checking the file's and its sidecars' hashes."""
+    path = Path(path)
+    card = read_card(card_path(path))
+    _check_hash(path, card["sha256"], card_path(path))
+    for sidecar in card.get("sidecars", []):
+        _check_hash(path.with_name(sidecar["file"]), sidecar["sha256"], card_path(path))
+    return card
+
+
 def load_verified_onnx(path: str | os.PathLike) -> VerifiedOnnx:
     """The model and its card, after checking hash, embedded card and ONNX validity."""
     path = Path(path)
-    card = read_card(card_path(path))
-    if not path.is_file():
-        raise ArtifactIntegrityError(f"{path}: file not found (its card {card_path(path)} exists)")
-    digest = file_sha256(path)
-    if digest != card["sha256"]:
-        raise ArtifactIntegrityError(f"{path}: sha256 {digest} does not match its card's "
-                                     f"{card['sha256']}; the file was changed or truncated")
+    card = verified_card(path)
     model = read_onnx(path)
     if embedded_card(model) != _embeddable(card):
         raise ArtifactIntegrityError(f"{path}: the card embedded in metadata_props differs from "

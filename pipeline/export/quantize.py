@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from pipeline.config import QuantizeConfig
-from pipeline.errors import ExportError, ParityError
+from pipeline.errors import ExportError
 from pipeline.export.onnx_export import (
     INPUT_NAME,
     check_interface,
@@ -174,13 +174,3 @@ def check_tensorrt_int8(proto: onnx.ModelProto) -> None:
     if problems:
         raise ExportError("the INT8 file for TensorRT is not buildable by TensorRT: "
                           + "; ".join(problems))
-
-
-def check_int8_drop(fp32_top1: float, int8_top1: float, max_drop_points: float) -> float:
-    """Top-1 points (percent) INT8 loses against FP32; ParityError beyond `max_drop_points`."""
-    drop = 100 * (fp32_top1 - int8_top1)
-    if not drop <= max_drop_points:
-        raise ParityError(f"INT8 top-1 {100 * int8_top1:.2f}% is {drop:.2f} points below FP32 "
-                          f"{100 * fp32_top1:.2f}%; allowed drop is {max_drop_points:.2f} points "
-                          "(export.quantize.max_top1_drop)")
-    return drop
