@@ -46,3 +46,8 @@ class ArtifactIntegrityError(PipelineError):
 
 class FeedError(PipelineError):
     """Inputs given to a runner do not match its input names, dtypes or shapes."""
+
+
+class PruneError(PipelineError):
+    """A pruning method cannot make its keep decision (e.g. a MACs target below the smallest
+    network it may build, or a sparsity that would change while weights must stay zero)."""
