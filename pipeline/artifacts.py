@@ -4,7 +4,8 @@
     artifacts/<model>.<precision>.<target>.engine      an engine built for one target
     <artifact stem>.card.json                          the model card beside each of them
 
-`<model>` is a name from benchmark.models (no dots), `<precision>` one of PRECISIONS.
+`<model>` is a reference model (benchmark.models: teacher, student_dense) or a pruning method's
+student, `student_final_<method>` (no dots); `<precision>` one of PRECISIONS.
 """
 
 import os
@@ -33,3 +34,12 @@ def precision_of(path: str | os.PathLike) -> str:
     """The precision in a file's name (`m.fp16.onnx` -> fp16); fp32 when the name has none."""
     found = [part for part in Path(path).name.split(".")[1:] if part in PRECISIONS]
     return found[-1] if found else "fp32"
+
+
+REFERENCE_MODELS = ("teacher", "student_dense")  # the unpruned models every method is compared to
+
+
+def final_model(method: str) -> str:
+    """The model a pruning method ships: `student_final_<method>` (stage student_final@<method>)."""
+    return f"student_final_{method}"
+
