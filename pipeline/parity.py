@@ -4,8 +4,8 @@ Both run on the same real (normalised) test images at a given batch size and are
 the max abs difference of their logits, the relative difference max|a - b| / max|a| (a: the
 reference) and top-1 agreement. FP32 representations must agree within 1e-4 relative with every
 top-1 class equal (the exactness rule of docs/methods.md); FP16/INT8 files get the looser
-tolerances of params.yaml (export.fp16, export.int8). A violation is a ParityError that prints the measured
-and the allowed numbers.
+tolerances of params.yaml (export.fp16, export.int8). A violation is a ParityError that prints
+the measured and the allowed numbers.
 """
 
 from collections.abc import Callable

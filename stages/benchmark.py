@@ -1,6 +1,9 @@
 """benchmark stage: latency and accuracy of every model x precision x batch size on ONE target.
 
-DVC runs it once per target listed in params (foreach). For each model and precision it loads
+DVC runs it once per target listed in params (foreach). The models are the references
+(benchmark.models: teacher, student_dense) and every method's pruned student
+(student_final_<method> for each method in prune.methods), all measured in one run so that their
+latencies are comparable. For each model and precision it loads
 the artifact on the target (models/<m>.pt for PyTorch targets, artifacts/<m>.<precision>.onnx
 for the others), measures top-1 on the prepared test images through that runtime and its top-1
 agreement with the PyTorch model, then the latency distribution per batch size, through the one
@@ -20,12 +23,12 @@ import numpy as np
 import torch
 
 from pipeline import provenance
-from pipeline.artifacts import artifact_path
+from pipeline.artifacts import artifact_path, final_model
 from pipeline.checkpoint import LoadedModel, load_model
-from pipeline.config import BenchmarkConfig, load_section
+from pipeline.config import BenchmarkConfig, PruneConfig, load_section
 from pipeline.data import Dataset, balanced_subset, load_prepared
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.flops import model_cost
+from pipeline.flops import model_cost, sparse_cost
 from pipeline.io import write_csv, write_json
 from stages._cli import RESOLVED, load_settings, run_main
 from targets.base import Runner, Target, TensorSpec, UnsupportedOperation
@@ -38,6 +41,10 @@ log = logging.getLogger("benchmark")
 @dataclass(frozen=True)
 class Settings:
     benchmark: BenchmarkConfig  # the target's own settings: resolved/targets/<target>.json
+    prune: PruneConfig  # the methods whose pruned students are measured
+
+    def models(self) -> tuple[str, ...]:
+        return (*self.benchmark.models, *map(final_model, self.prune.methods))
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,11 @@ class Reference:
     """The PyTorch model a runtime's results are compared with."""
 
     predictions: np.ndarray  # its top-1 class for every eval image
-    macs: int
+    macs: int  # what a dense runtime executes per sample
     params: int
+    params_nonzero: int  # params minus zero conv/linear weights (unstructured pruning)
+    macs_nonzero: int  # MACs a sparse kernel could skip to
+    sparsity: float  # zero share of the conv/linear weights
 
 
 def eval_set(dataset: Dataset, limit: int, loaded: LoadedModel) -> EvalSet:
@@ -104,8 +114,10 @@ def reference_for(loaded: LoadedModel, evalset: EvalSet, batch: int = 256) -> Re
     inputs = torch.from_numpy(evalset.inputs_for(TensorSpec("input", np.dtype(np.float32), ())))
     predictions = [loaded.model(inputs[i:i + batch]).argmax(1).numpy()
                    for i in range(0, len(inputs), batch)]
-    cost = model_cost(loaded.model, tuple(evalset.images_u8.shape[1:]))
-    return Reference(np.concatenate(predictions), cost.macs, cost.params)
+    shape = tuple(evalset.images_u8.shape[1:])
+    cost, sparse = model_cost(loaded.model, shape), sparse_cost(loaded.model, shape)
+    return Reference(np.concatenate(predictions), cost.macs, cost.params, sparse.params_nonzero,
+                     sparse.macs_nonzero, sparse.sparsity)
 
 
 def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
@@ -127,7 +139,8 @@ def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
 COLUMNS = ("model", "target", "precision", "batch_size", "status", "reason", "top1", "agreement",
            "eval_images", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "n", "images_per_s",
            "clock", "h2d_p50_ms", "compute_p50_ms", "d2h_p50_ms", "size_mb", "macs", "params",
-           "artifact", "accuracy_note")
+           "params_nonzero", "macs_nonzero", "sparsity", "checkpoint_top1", "num_classes",
+           "method", "structured", "artifact", "accuracy_note")
 
 
 def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
@@ -138,18 +151,29 @@ def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
     return row
 
 
+def model_facts(model: str, loaded: LoadedModel, reference: Reference) -> dict[str, Any]:
+    """What every row of one model says about it: cost, sparsity, pruning method, top-1 in
+    PyTorch on the whole test split (the training stage's number)."""
+    pruning = loaded.meta.get("pruning") or {}
+    return {"model": model, "macs": reference.macs, "params": reference.params,
+            "params_nonzero": reference.params_nonzero, "macs_nonzero": reference.macs_nonzero,
+            "sparsity": reference.sparsity, "checkpoint_top1": loaded.meta.get("top1"),
+            "num_classes": len(loaded.meta.get("classes", ())),
+            "method": pruning.get("method"), "structured": pruning.get("structured")}
+
+
 def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfig,
                out_paths: BenchPaths) -> list[dict]:
     """Every precision x batch size row of one model on the target (provenance added later)."""
     loaded = load_model(out_paths.models_dir / f"{model}.pt")
     evalset = eval_set(dataset, cfg.eval_images, loaded)
     reference = reference_for(loaded, evalset)
+    facts = model_facts(model, loaded, reference)
     rows = []
     for precision in cfg.targets[target.name]:
         artifact = out_paths.artifact(target, model, precision)
-        identity = {"model": model, "target": target.name, "precision": precision,
-                    "artifact": str(artifact), "macs": reference.macs,
-                    "params": reference.params, "size_mb": size_mb(artifact)}
+        identity = {**facts, "target": target.name, "precision": precision,
+                    "artifact": str(artifact), "size_mb": size_mb(artifact)}
         partials = measure(target, artifact, cfg.batch_sizes, cfg.timing, evalset.feeds,
                            accuracy_through(evalset, reference, max(cfg.batch_sizes)),
                            missing_hint=" (run the export stage)")
@@ -157,13 +181,15 @@ def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfi
     return rows
 
 
-def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dict]:
+def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths,
+        models: tuple[str, ...] | None = None) -> list[dict]:
+    """Measure `models` (default: benchmark.models) on the target and write the results."""
     availability = target.available()
     if not availability[0]:
         log.warning("target %s is not available here: %s", target.name, availability[1])
     dataset = load_prepared(out_paths.dataset)
     run_provenance = provenance.collect(target.threads, runtime=target.name)
-    rows = [complete_row(partial, identity, run_provenance) for model in cfg.models
+    rows = [complete_row(partial, identity, run_provenance) for model in models or cfg.models
             for partial, identity in model_rows(target, model, dataset, cfg, out_paths)]
     write_results(rows, target.name, availability, out_paths)
     return rows
@@ -205,11 +231,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        cfg = load_settings(Settings, args.resolved).benchmark
+        settings = load_settings(Settings, args.resolved)
+        cfg = settings.benchmark
         if args.target not in cfg.targets:
             raise ConfigError(f"--target {args.target!r} is not listed in benchmark.targets "
                               f"({', '.join(cfg.targets)})")
-        run(cfg, load_target(args.target, args.resolved), BenchPaths.for_target(args.target))
+        run(cfg, load_target(args.target, args.resolved), BenchPaths.for_target(args.target),
+            settings.models())
 
     run_main(body)
 

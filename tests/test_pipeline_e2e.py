@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "stages", "targets", "dvc.yaml", "params.yaml", ".dvc/config",
                  ".dvcignore", ".gitignore", "pyproject.toml"]
 OUTPUT_DIRS = ["models", "metrics", "artifacts", "plots", "reports", "data", "checkpoints"]
+METHODS = ("pdd", "kddp", "prune_then_kd", "sdap", "netslim", "weight")  # the smoke profile's
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,10 @@ def smoke_repo(tmp_path_factory) -> Path:
         else:
             shutil.copy2(source, target)
     params = workdir / "params.yaml"
-    params.write_text(params.read_text().replace("profile: quick", "profile: smoke", 1))
+    text = params.read_text().replace("profile: quick", "profile: smoke", 1)
+    # the smoke profile's method list, written where dvc.yaml reads it (validate_params insists)
+    params.write_text(text.replace("  methods: [pdd, netslim]", "  methods: [" + ", ".join(
+        METHODS) + "]", 1))
     subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
     first = dvc(workdir, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -63,24 +67,39 @@ def read_metrics(repo: Path, name: str) -> dict:
     return json.loads((repo / "metrics" / f"{name}.json").read_text())
 
 
-def test_smoke_repro_runs_pdd_slim_and_finetune(smoke_repo):
-    for model in ("student_dense", "student_gated", "student_slim", "student_final"):
-        assert (smoke_repo / "models" / f"{model}.pt").is_file(), model
-        assert (smoke_repo / "metrics" / f"{model}.json").is_file(), model
-    pdd = read_metrics(smoke_repo, "student_gated")
-    assert len(pdd["gate_flips_per_epoch"]) == pdd["epochs"]
-    assert all(g["kept"] >= 1 for g in pdd["kept_channels"].values())
-    slim = read_metrics(smoke_repo, "student_slim")
-    assert slim["rel_diff"] <= 1e-4
-    assert slim["macs_after"] < slim["macs_before"]
-    table = read_metrics(smoke_repo, "compression")
-    assert set(table["models"]) == {"teacher", "student_dense", "student_final"}
-    reduction = table["student_final_vs_student_dense"]
-    assert reduction["flops_reduction"] == pytest.approx(
-        1 - slim["macs_after"] / slim["macs_before"])
+STRUCTURED = METHODS[:-1]
 
 
-MODELS = ("teacher", "student_dense", "student_final")
+def test_smoke_repro_runs_every_method_through_prune_slim_and_finetune(smoke_repo):
+    assert (smoke_repo / "models" / "student_dense.pt").is_file()
+    for method in METHODS:
+        for stage in ("student_pruned", "student_slim", "student_final"):
+            assert (smoke_repo / "models" / f"{stage}_{method}.pt").is_file(), (stage, method)
+            assert (smoke_repo / "metrics" / f"{stage}_{method}.json").is_file(), (stage, method)
+        pruned = read_metrics(smoke_repo, f"student_pruned_{method}")
+        slim = read_metrics(smoke_repo, f"student_slim_{method}")
+        final = read_metrics(smoke_repo, f"student_final_{method}")
+        assert pruned["method"] == slim["method"] == final["method"] == method
+        assert pruned["epochs"] + final["epochs"] == read_metrics(smoke_repo,
+                                                                  "student_dense")["epochs"]
+        table = read_metrics(smoke_repo, f"compression_{method}")
+        assert set(table["models"]) == {"teacher", "student_dense", "student_final"}
+        if method in STRUCTURED:  # driven to the common target, sliced exactly
+            assert pruned["decision"]["mode"] == "target"
+            assert pruned["decision"]["macs_fraction"] <= 0.5
+            assert slim["rel_diff"] <= 1e-4 and slim["macs_after"] <= 0.5 * slim["macs_before"]
+            assert table["student_final_vs_student_dense"]["flops_reduction"] >= 0.5
+            assert final["sparsity"] == 0.0
+        else:  # unstructured: same shapes, zeros kept through fine-tuning
+            assert slim["macs_after"] == slim["macs_before"] and slim["rel_diff"] == 0.0
+            assert slim["sparsity"] == pytest.approx(0.8, abs=1e-4)
+            assert final["sparsity"] == pytest.approx(slim["sparsity"], abs=1e-9)
+    pdd = read_metrics(smoke_repo, "student_pruned_pdd")
+    assert len(pdd["decision"]["gate_flips_per_epoch"]) == pdd["epochs"]
+    assert "own size" in pdd["alternatives"]
+
+
+MODELS = ("teacher", "student_dense", *(f"student_final_{m}" for m in METHODS))
 
 
 def test_smoke_repro_exports_every_model_behind_parity_gates(smoke_repo):
@@ -89,6 +108,28 @@ def test_smoke_repro_exports_every_model_behind_parity_gates(smoke_repo):
             assert (smoke_repo / "artifacts" / f"{model}.{precision}.onnx").is_file()
             assert (smoke_repo / "artifacts" / f"{model}.{precision}.card.json").is_file()
         assert (smoke_repo / "metrics" / f"export_{model}.json").is_file()
+
+
+def test_the_weight_methods_onnx_holds_plain_tensors_with_zeros(smoke_repo):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    dense = onnx.load(str(smoke_repo / "artifacts" / "student_dense.fp32.onnx"))
+    sparse = onnx.load(str(smoke_repo / "artifacts" / "student_final_weight.fp32.onnx"))
+    assert {n.op_type for n in sparse.graph.node} == {n.op_type for n in dense.graph.node}
+    weights = [numpy_helper.to_array(init) for init in sparse.graph.initializer
+               if numpy_helper.to_array(init).ndim in (2, 4)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+    assert zeros == pytest.approx(0.8, abs=0.01) and np.isfinite(zeros)
+
+
+def method_table(report: str) -> dict[str, list[str]]:
+    """The method comparison's first table: model -> its cells."""
+    section = report.split("## Method comparison", 1)[1].split("\n\n|", 1)[1]
+    lines = ("|" + section).split("\n\n", 1)[0].splitlines()[2:]
+    return {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
 def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
@@ -101,8 +142,14 @@ def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
         assert by_target["torch-cuda"]["status"] == "skipped" and by_target["torch-cuda"]["reason"]
     assert {row["model"] for row in rows} == set(MODELS)
     report = (smoke_repo / "reports" / "report.md").read_text()
-    assert "| student_final | onnxruntime-cpu | int8 |" in report
-    for png in ("latency.png", "accuracy_vs_latency.png"):
+    assert "| student_final_pdd | onnxruntime-cpu | int8 |" in report
+    table = method_table(report)
+    assert set(table) == set(MODELS)
+    for model, cells in table.items():  # a number in every column (after the method name)
+        for cell in cells[1:]:
+            assert float(cell.rstrip("x").replace(",", "")) == float(
+                cell.rstrip("x").replace(",", "")), (model, cell)
+    for png in ("latency.png", "accuracy_vs_latency.png", "methods.png"):
         assert (smoke_repo / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -126,6 +173,8 @@ def stages_run(result: subprocess.CompletedProcess) -> set[str]:
 
 @pytest.mark.parametrize(("module", "expected"), [
     ("pipeline/report.py", {"report"}),
+    # a method's module reaches its own chain only (through resolved/methods/<m>.code)
+    ("pipeline/prune/netslim.py", {"validate_params", "student_pruned@netslim"}),
     # validate_params imports every target to validate its settings (it re-runs in seconds) and
     # writes each target's code hash, which only the benchmark of that target depends on.
     ("targets/ssh.py", {"validate_params", "benchmark@ssh-onnxruntime", "report"}),
@@ -152,7 +201,11 @@ def test_a_code_edit_reruns_only_the_stages_that_run_it(smoke_repo, module, expe
       "arch: resnet32, epochs: 2, batch_size: 64, lr: -0.02", "teacher.lr"),
      ("arch: resnet32, epochs: 2, batch_size: 64, lr: 0.02",
       "arch: resnet32, epochs: 2, batch_size: 64, lr: fast", "teacher.lr"),
-     ("  seed: 0 ", "  seed: 0\n  colour: red ", "common.colour")],
+     ("  seed: 0 ", "  seed: 0\n  colour: red ", "common.colour"),
+     # bad pruning settings are refused before any method's outputs are deleted
+     ("  target_macs: 0.5 ", "  target_macs: 1.5 ", "prune.target_macs"),
+     ("  sparsity: 0.8 ", "  sparsity: 1.0 ", "weight.sparsity"),
+     ("  methods: [pdd, kddp", "  methods: [pdd, magic, kddp", "prune.methods")],
 )
 def test_bad_params_stop_with_the_key_and_touch_nothing(smoke_repo, old, new, key):
     params = smoke_repo / "params.yaml"

@@ -19,15 +19,16 @@ from sshd_fixture import (
     unconfigured_ssh,
 )
 
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import load_model, save_model
 from pipeline.config import BenchmarkConfig, TimingPlan
 from pipeline.data import make_synthetic, save_prepared
+from pipeline.prune.sparse import apply_masks, magnitude_masks
 from stages.benchmark import BenchPaths, run
 from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
 from targets.registry import make_target
 from targets.torch_eager import TorchSettings
 
-MODELS = ("teacher", "student_final")
+MODELS = ("teacher", "student_final_pdd")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,18 @@ def workspace(tmp_path_factory) -> Path:
     (root / "artifacts").mkdir()
     for model, width in zip(MODELS, (8, 4), strict=True):
         checkpoint = tiny_checkpoint(root / "models" / f"{model}.pt", base_width=width)
+        if model != "teacher":
+            make_sparse(checkpoint)
         tiny_onnx(checkpoint, root / "artifacts" / f"{model}.fp32.onnx")
     return root
+
+
+def make_sparse(checkpoint: Path) -> None:
+    """Half the weights zero, recorded as the `weight` method's student."""
+    loaded = load_model(checkpoint)
+    apply_masks(loaded.model, magnitude_masks(loaded.model, 0.5))
+    save_model(checkpoint, loaded.model, loaded.spec,
+               {**loaded.meta, "top1": 0.5, "pruning": {"method": "weight", "structured": False}})
 
 
 def paths(root: Path, target: str) -> BenchPaths:
@@ -79,7 +90,7 @@ def test_torch_cpu_rows_carry_accuracy_latency_and_provenance(workspace):
     out = paths(workspace, "torch-cpu")
     rows = run(config({"torch-cpu": ("fp32",)}), target("torch-cpu"), out)
     assert [(r["model"], r["batch_size"]) for r in rows] == [
-        ("teacher", 1), ("teacher", 4), ("student_final", 1), ("student_final", 4)]
+        ("teacher", 1), ("teacher", 4), ("student_final_pdd", 1), ("student_final_pdd", 4)]
     for row in rows:
         assert row["status"] == "ok" and row["reason"] == ""
         assert row["agreement"] == 1.0 and 0 <= row["top1"] <= 1 and row["eval_images"] == 12
@@ -87,9 +98,16 @@ def test_torch_cpu_rows_carry_accuracy_latency_and_provenance(workspace):
         assert row["provenance"]["threads"] == 1 and row["provenance"]["cpu_model"]
         assert row["size_mb"] > 0 and row["artifact"].endswith(f"{row['model']}.pt")
     assert rows[0]["macs"] > rows[2]["macs"]  # width 8 teacher vs width 4 student
+    teacher, student = rows[0], rows[2]
+    assert teacher["sparsity"] == 0.0 and teacher["params_nonzero"] == teacher["params"]
+    assert teacher["method"] is None and teacher["num_classes"] == 10
+    assert student["method"] == "weight" and student["structured"] is False
+    assert student["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert student["params_nonzero"] < student["params"]
+    assert student["macs_nonzero"] < student["macs"] and student["checkpoint_top1"] == 0.5
     saved = json.loads(out.metrics.read_text())
     assert saved["target"] == "torch-cpu" and saved["available"] is True
-    assert saved["results"]["student_final/fp32/b4"]["p50_ms"] == rows[3]["p50_ms"]
+    assert saved["results"]["student_final_pdd/fp32/b4"]["p50_ms"] == rows[3]["p50_ms"]
     with out.plots.open() as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 4 and table[0]["prov_threads"] == "1" and "prov_git_revision" in table[0]

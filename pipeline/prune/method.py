@@ -25,6 +25,7 @@ from torch import nn
 from pipeline.config import DistillConfig, TrainConfig
 from pipeline.data import BatchLoader
 from pipeline.distill import FrozenTeacher
+from pipeline.models.resnet_cifar import ZeroPadShortcut
 from pipeline.prune.budget import Decision, Masks, Scores, macs_fraction, select_at_target
 from pipeline.prune.gates import GatedModel, attach_gates
 from pipeline.students import distillation_loss_fn
@@ -122,8 +123,6 @@ def _kept(masks: Masks) -> dict[str, int]:
 def streams(gated: GatedModel) -> frozenset[str]:
     """Groups whose channels several layers write (residual streams): more than one conv
     producer, or an option-A shortcut among the producers."""
-    from pipeline.models.resnet_cifar import ZeroPadShortcut
-
     coupled = set()
     for group in gated.plan.groups:
         producers = [gated.model.get_submodule(name) for name in group.producers]
