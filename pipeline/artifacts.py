@@ -8,15 +8,16 @@
     artifacts/executorch/<model>/<model>.<precision>.b<batch>.pte
                                                               ExecuTorch program (XNNPACK), one
                                                               per batch size: its batch is fixed
-    artifacts/engines/<target>/<precision>/                   what one engine stage writes:
+    engines/<target>/<precision>/                             what one engine stage writes:
         <model>.<precision>.<target>.engine                     an engine built for one target
         timing.cache                                            TensorRT's timing cache, reused
                                                                 by rebuilds
     <artifact stem>.card.json                                 the card beside each shipped file
 
-`<model>` is a name from benchmark.models (no dots), `<precision>` one of PRECISIONS. The
-OpenVINO and ExecuTorch files live in one folder per model because each folder is one DVC
-output of the stage that writes it (an empty one when the runtime is not installed).
+`<model>` is a reference model (benchmark.models: teacher, student_dense) or a pruning method's
+student, `student_final_<method>` (no dots); `<precision>` one of PRECISIONS. The OpenVINO and
+ExecuTorch files live in one folder per model because each folder is one DVC output of the
+stage that writes it (an empty one when the runtime is not installed).
 """
 
 import os
@@ -27,7 +28,7 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # TensorRT's ONNX parser takes only symmetric signed INT8 Q/DQ with float biases; ONNX
 # Runtime's fast CPU file (U8S8, int32 biases) is refused, so INT8 ships a second file for it.
 TENSORRT_FLAVOR = "trt"
-ENGINES = "engines"  # sub-folder of the artifacts folder that holds the engine stages' outputs
+ENGINES = "engines"  # the folder (beside artifacts/) that holds the engine stages' outputs
 TIMING_CACHE = "timing.cache"
 
 
@@ -96,11 +97,12 @@ def artifact_path(folder: str | os.PathLike, model: str, precision: str,
     return model_folder(folder, model, fmt) / f"{model}.{precision}{tag}{FORMATS[fmt].suffix}"
 
 
-def engine_folder(artifacts: str | os.PathLike, target: str, precision: str) -> Path:
-    """The folder one engine stage (target x precision) owns: artifacts/engines/<t>/<p>."""
+def engine_folder(root: str | os.PathLike, target: str, precision: str) -> Path:
+    """The folder one engine stage (target x precision) owns: <root>/engines/<t>/<p>. It is
+    not under artifacts/, because the engine stages read that folder."""
     _check_name("target name", target)
     _check_precision(precision)
-    return Path(artifacts) / ENGINES / target / precision
+    return Path(root) / ENGINES / target / precision
 
 
 def timing_cache_path(folder: str | os.PathLike) -> Path:
@@ -135,3 +137,11 @@ def precision_of(path: str | os.PathLike) -> str:
 def model_of(path: str | os.PathLike) -> str:
     """The model in a shipped file's name: `teacher.int8.trt.onnx` -> teacher."""
     return Path(path).name.split(".")[0]
+
+
+REFERENCE_MODELS = ("teacher", "student_dense")  # the unpruned models every method is compared to
+
+
+def final_model(method: str) -> str:
+    """The model a pruning method ships: `student_final_<method>` (stage student_final@<method>)."""
+    return f"student_final_{method}"

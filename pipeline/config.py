@@ -172,15 +172,37 @@ class DistillConfig:
         return check_arch(arch)
 
 
-# ------------------------------------------------------------------ PDD, slimming, fine-tuning
-@dataclass(frozen=True, config=STRICT)
-class StudentGatedConfig(TrainConfig):
-    """PDD: the gated student's schedule, its gates' learning rate and an optional MACs budget."""
+# ------------------------------------------------------------- pruning methods, slimming
+METHOD_NAMES = ("pdd", "kddp", "prune_then_kd", "sdap", "netslim", "weight")
+MethodName = Literal["pdd", "kddp", "prune_then_kd", "sdap", "netslim", "weight"]
+Normalization = Literal["none", "mean"]  # per-group score scaling before a global threshold
+Fraction = Annotated[float, Field(gt=0, le=1)]  # a share in (0, 1]
 
-    gate_lr: PositiveFloat = Field(default=...)  # SGD lr of the gate logits (no weight decay)
-    flops_target: Annotated[float, Field(ge=0, le=1)] = Field(default=...)  # kept-MACs fraction
-    # the budget penalty drives towards; 0 = no budget (the paper's default)
-    flops_weight: NonNegativeFloat = Field(default=...)  # weight of the budget penalty
+
+@dataclass(frozen=True, config=STRICT)
+class PruneConfig:
+    """Which pruning methods run (one chain each: student_pruned@m -> student_slim@m ->
+    student_final@m) and the kept-MACs target every structured method is driven to."""
+
+    methods: Annotated[tuple[MethodName, ...], Field(min_length=1)]  # the methods compared
+    target_macs: Fraction | None  # kept MACs / unpruned MACs; None = each method's own size
+
+    @field_validator("methods")
+    @classmethod
+    def _each_method_once(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"each method may be listed once, got {list(methods)}")
+        return methods
+
+
+@dataclass(frozen=True, config=STRICT)
+class PddConfig:
+    """PDD (seed 000): differentiable 0/1 gates trained with the weights under KD."""
+
+    gate_lr: PositiveFloat  # SGD lr of the gate logits (no weight decay)
+    flops_target: Annotated[float, Field(ge=0, le=1)]  # kept-MACs fraction the budget penalty
+    # drives towards during training; 0 = no penalty (the paper's default)
+    flops_weight: NonNegativeFloat  # weight of the budget penalty
 
     @model_validator(mode="after")
     def _budget_needs_a_weight(self):
@@ -188,6 +210,69 @@ class StudentGatedConfig(TrainConfig):
             raise ValueError("flops_target and flops_weight switch the MACs budget on together: "
                              f"both > 0 or both 0 (got {self.flops_target}, {self.flops_weight})")
         return self
+
+
+@dataclass(frozen=True, config=STRICT)
+class NetslimConfig:
+    """Network slimming (Liu et al. 2017): L1 on BatchNorm scales, one global threshold."""
+
+    l1: NonNegativeFloat  # weight of sum |gamma| in the loss (official: 1e-5 ResNet, 1e-4 VGG)
+    percent: UnitFloat  # own size: share of channels below the global threshold (ResNet: 0.4)
+    normalize: Normalization  # none: |gamma| compared as is (one L1 pressure on all BNs)
+
+
+@dataclass(frozen=True, config=STRICT)
+class KddpConfig:
+    """KDDP (seed 001): KD plus an L1 penalty on channel activations; inactive channels go."""
+
+    l1: NonNegativeFloat  # weight of the summed mean |activation| per channel in the loss
+    tau: UnitFloat  # own size: inactive = mean activation < tau x its group's mean
+    dynamic: bool  # close inactive channels at every epoch end (they may reopen) during training
+    score_images: PositiveInt  # training images of the final activation pass
+    normalize: Normalization  # mean: activations of different depths made comparable
+
+
+@dataclass(frozen=True, config=STRICT)
+class PruneThenKdConfig:
+    """Prune a trained dense student by filter L1 norm (Li et al. 2017), recover it by KD
+    (seed 002)."""
+
+    ratio: UnitFloat  # own size: share of each block-internal group's filters removed (Li)
+    keep_streams: bool  # never prune the residual streams (Li et al. prune only block convs)
+    normalize: Normalization  # mean: filter norms of different layers made comparable
+    recovery_teacher: Literal["teacher", "unpruned"]  # whom the fine-tuning distils from
+
+
+@dataclass(frozen=True, config=STRICT)
+class SdapConfig:
+    """SDAP (seed 003): a trainable scale per channel, one global rate, the unpruned network as
+    its own teacher."""
+
+    pretrain_epochs: PositiveInt  # dense KD epochs from the teacher before self-distillation
+    l1: NonNegativeFloat  # weight of sum |scale| in the loss
+    scale_lr: PositiveFloat  # SGD lr of the channel scales (no weight decay)
+    rate: UnitFloat  # own size: share of the MACs removed when no common target is set
+    normalize: Normalization  # none: every scale starts at 1 under the same L1 pressure
+
+
+@dataclass(frozen=True, config=STRICT)
+class WeightConfig:
+    """Unstructured global magnitude pruning under KD (seed 004); shapes stay dense."""
+
+    sparsity: UnitFloat  # share of all conv/linear weights set to zero, in [0, 1)
+
+
+METHOD_SCHEMAS: dict[str, type] = {"pdd": PddConfig, "kddp": KddpConfig,
+                                   "prune_then_kd": PruneThenKdConfig, "sdap": SdapConfig,
+                                   "netslim": NetslimConfig, "weight": WeightConfig}
+
+
+@dataclass(frozen=True, config=STRICT)
+class MethodBudget:
+    """What a method's prune stage needs besides its own section (resolved/methods/<m>.json)."""
+
+    target_macs: Fraction | None  # prune.target_macs
+    round_to: PositiveInt  # student_slim.round_to: decisions are made at the shipped widths
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -258,7 +343,8 @@ class BenchmarkConfig:
 
     # target name -> precisions benchmarked there (checked against what the target supports)
     targets: dict[str, Annotated[tuple[Precision, ...], Field(min_length=1)]]
-    models: Annotated[tuple[str, ...], Field(min_length=1)]  # models/<m>.pt, artifacts/<m>.*
+    # reference models measured beside every method's student_final_<method> (from prune)
+    models: Annotated[tuple[str, ...], Field(min_length=1)]
     batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)]  # images per call
     eval_images: NonNegativeInt  # test images for top-1 through each runtime; 0 = all
     timing: TimingPlan
@@ -278,7 +364,7 @@ class EngineConfig:
     files, built on the machine that runs them (build settings: runtimes.tensorrt). Engines
     built on this machine are checked against ONNX Runtime CPU on real test images."""
 
-    models: Annotated[tuple[str, ...], Field(min_length=1)]  # artifacts/<m>.* to build engines of
+    models: tuple[str, ...]  # reference models; every method's student_final_<m> is added
     parity_images: PositiveInt  # first N test images run through engine and ONNX Runtime
     fp32_max_rel_diff: PositiveFloat  # fp32 engines: max|ort - engine| / max|ort| allowed
     fp16: EngineParityLimits  # fp16 engines (strongly typed from the fp16 ONNX file)
@@ -290,9 +376,10 @@ class ReportConfig:
     """The comparison report (pipeline/report.py)."""
 
     baseline_model: str  # speedups are measured against this model (the teacher)
-    dense_model: str  # the unpruned student
-    pruned_model: str  # the slimmed student: "did pruning pay off" compares it with dense_model
+    dense_model: str  # the unpruned student every method is compared with
     paid_off_speedup: Annotated[float, Field(gt=1)]  # measured speedup that counts as paying off
+    chart_target: str  # the target whose latency the method chart plots (a benchmark target)
+    chart_precision: Precision  # ... at this precision
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -470,3 +557,30 @@ def data_root(cfg: DataConfig) -> Path:
     """
     root = Path(os.environ.get(DATA_ROOT_ENV) or cfg.root)
     return root if root.is_absolute() else Path(os.environ.get("DVC_ROOT") or ".") / root
+
+
+def method_document(budget: MethodBudget, settings: Any) -> dict[str, Any]:
+    """resolved/methods/<m>.json: the budget every method shares and the method's own section."""
+    return {"budget": as_dict(budget), "settings": as_dict(settings)}
+
+
+def load_method_settings(method: str, path: str | os.PathLike) -> tuple[MethodBudget, Any]:
+    """One method's resolved settings (written by validate_params): (budget, its section)."""
+    if method not in METHOD_SCHEMAS:
+        raise ConfigError(f"unknown pruning method {method!r}; known: {', '.join(METHOD_NAMES)}")
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: resolved settings not found; run the validate_params stage "
+                          "(`dvc repro validate_params`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable resolved settings ({err})") from err
+    if not isinstance(data, dict) or set(data) != {"budget", "settings"}:
+        raise ConfigError(f"{path}: expected keys budget and settings; run the validate_params "
+                          "stage again")
+    try:
+        return (validate(MethodBudget, data["budget"], "budget"),
+                validate(METHOD_SCHEMAS[method], data["settings"], method))
+    except SectionError as err:
+        raise ConfigError(f"{path}: {err}; run the validate_params stage again") from None

@@ -433,6 +433,14 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def plain_subset(self, count: int) -> "BatchLoader":
+        """`count` of this loader's images (class-balanced, in order), without augmentation:
+        e.g. a scoring pass over training images that must not touch the test split."""
+        split = balanced_subset(ImageSplit(self.images, self.labels), count)
+        return BatchLoader(split, self.batch_size, self.mean.flatten().tolist(),
+                           self.std.flatten().tolist(), self.device, train=False,
+                           channels_last=self.channels_last)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.device).manual_seed(
             self.seed * 100_003 + self.epoch)

@@ -50,3 +50,8 @@ class FeedError(PipelineError):
 
 class EngineMismatchError(ArtifactIntegrityError):
     """An engine cannot run here: another TensorRT version, GPU or platform built it."""
+
+
+class PruneError(PipelineError):
+    """A pruning method cannot make its keep decision (e.g. a MACs target below the smallest
+    network it may build, or a sparsity that would change while weights must stay zero)."""

@@ -88,3 +88,35 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> 
 
 def model_cost(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> ModelCost:
     return ModelCost(params=count_params(model), macs=count_macs(model, input_shape))
+
+
+@dataclass(frozen=True)
+class SparseCost:
+    """What unstructured zeros save in principle; dense runtimes execute `ModelCost` anyway."""
+
+    params_nonzero: int  # parameters minus the zero conv/linear weights (BN, biases: all kept)
+    macs_nonzero: int  # per sample: every conv/linear weight that is zero skips its MACs
+    sparsity: float  # zero share of the conv/linear weights (0 for a dense network)
+
+
+def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every conv/linear weight by module name: what unstructured pruning sparsifies."""
+    return {name: module.weight for name, module in model.named_modules()
+            if isinstance(module, COUNTED)}
+
+
+@torch.no_grad()
+def sparse_cost(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> SparseCost:
+    """Non-zero parameters, non-zero MACs and weight sparsity of `model` for one sample."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    weights = weight_tensors(model)
+    macs = 0
+    for layer in layer_costs(model, torch.zeros(1, *input_shape, device=device)):
+        weight = weights[layer.name]
+        positions = layer.macs_per_pair // math.prod(weight.shape[2:])  # output positions
+        macs += positions * int(weight.count_nonzero())
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(w.numel() - int(w.count_nonzero()) for w in weights.values())
+    return SparseCost(params_nonzero=count_params(model) - zeros, macs_nonzero=macs,
+                      sparsity=zeros / total if total else 0.0)

@@ -1,6 +1,8 @@
-"""The comparison report: one table of every benchmark row, the fastest runtime per model,
-precision and batch size, two charts, and sentences generated from the numbers saying where
-pruning paid off in measured latency and where it did not.
+"""The comparison report: the method comparison (pipeline.comparison: one row per pruning method
+and reference, Performance Efficiency, top-1 against latency), one table of every benchmark row,
+two charts, and sentences generated from the numbers saying where each method's pruning paid off
+in measured latency and where it did not, and the fastest runtime per model, precision and
+batch size.
 
 Input rows are the benchmark stage's (metrics/benchmark_<target>.json "results"). Speedups compare
 rows of the same target, precision and batch size: measured = p50 of the reference model / p50
@@ -13,11 +15,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import final_model
+from pipeline.comparison import PRECISION_ORDER, comparison_section
+from pipeline.comparison import measured as _ok
 from pipeline.config import ReportConfig
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_output, atomic_write_text
-
-PRECISION_ORDER = {"fp32": 0, "fp16": 1, "bf16": 2, "int8": 3}
 
 
 class ReportError(PipelineError):
@@ -38,10 +41,6 @@ def load_rows(files: Iterable[Path]) -> list[dict[str, Any]]:
 
 def _group(row: dict) -> tuple:
     return row["target"], row["precision"], row["batch_size"]
-
-
-def _ok(row: dict | None) -> bool:
-    return row is not None and row.get("status") == "ok" and bool(row.get("p50_ms"))
 
 
 def speedup(rows_by_key: dict[tuple, dict], row: dict, reference_model: str) -> tuple:
@@ -125,9 +124,10 @@ def _where(row: dict) -> str:
     return f"{row['target']} {row['precision']} batch {row['batch_size']}"
 
 
-def pruning_findings(rows: Sequence[dict], settings: ReportConfig) -> list[str]:
-    """Sentences on the pruned vs dense student, from every group where both were measured."""
-    dense, pruned = settings.dense_model, settings.pruned_model
+def pruning_findings(rows: Sequence[dict], settings: ReportConfig, pruned: str) -> list[str]:
+    """Sentences on one pruned student vs the dense one, from every group where both were
+    measured."""
+    dense = settings.dense_model
     by_key = {(r["model"], *_group(r)): r for r in rows}
     compared = []
     for row in rows:
@@ -290,17 +290,21 @@ def _provenance_lines(rows: Sequence[dict]) -> list[str]:
     return lines or ["- no target measured anything (every row was skipped or failed)"]
 
 
-def render(rows: Sequence[dict], settings: ReportConfig, models: Sequence[str],
-           chart_names: tuple[str, str]) -> str:
+def render(rows: Sequence[dict], settings: ReportConfig, methods: Sequence[str],
+           chart_names: tuple[str, str], comparison: list[str],
+           models: Sequence[str] = ()) -> str:
     """The whole report.md text for rows already sorted."""
     if not rows:
         raise ReportError("no benchmark rows to report")
-    findings = pruning_findings(rows, settings) + accuracy_findings(rows)
+    findings = [s for method in methods
+                for s in pruning_findings(rows, settings, final_model(method))]
+    findings += accuracy_findings(rows)
     return "\n".join([
         "# Benchmark report", "",
-        f"Speedups compare the same target, precision and batch size; measured = p50 of "
-        f"{settings.baseline_model} / p50 of the model, MACs-predicted = MACs of "
-        f"{settings.baseline_model} / MACs of the model.", "",
+        f"Speedups in the results table compare the same target, precision and batch size; "
+        f"measured = p50 of {settings.baseline_model} / p50 of the model, MACs-predicted = MACs "
+        f"of {settings.baseline_model} / MACs of the model.", "",
+        *comparison,
         "## Findings", "", *[f"- {s}" for s in findings], "",
         "## Results", "", markdown_table(rows, settings.baseline_model),
         "## Fastest runtime", "", "Per model, precision and batch size, from the rows above.",
@@ -311,15 +315,19 @@ def render(rows: Sequence[dict], settings: ReportConfig, models: Sequence[str],
 
 
 def write_report(rows: Sequence[dict], settings: ReportConfig, models: Sequence[str],
-                 out_dir: Path) -> dict[str, Path]:
-    """reports/report.md + latency.png + accuracy_vs_latency.png in `out_dir`."""
+                 out_dir: Path, methods: Sequence[str] = (),
+                 target_macs: float | None = None) -> dict[str, Path]:
+    """reports/report.md + latency.png + accuracy_vs_latency.png + methods.png in `out_dir`."""
     if not rows:
         raise ReportError("no benchmark rows to report")
     ordered = sort_rows(rows, models)
     paths = {"report": out_dir / "report.md", "latency": out_dir / "latency.png",
-             "accuracy": out_dir / "accuracy_vs_latency.png"}
+             "accuracy": out_dir / "accuracy_vs_latency.png",
+             "methods": out_dir / "methods.png"}
     latency_chart(ordered, models, paths["latency"])
     accuracy_chart(ordered, models, paths["accuracy"])
-    text = render(ordered, settings, models, (paths["latency"].name, paths["accuracy"].name))
+    comparison = comparison_section(ordered, settings, methods, target_macs, paths["methods"])
+    text = render(ordered, settings, methods, (paths["latency"].name, paths["accuracy"].name),
+                  comparison, models)
     atomic_write_text(paths["report"], text)
     return paths

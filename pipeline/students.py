@@ -37,7 +37,8 @@ def distillation_loss_fn(teacher: FrozenTeacher, cfg: DistillConfig, label_smoot
 
 
 def load_gated(path, device: torch.device) -> tuple[GatedModel, dict, dict]:
-    """A gated student (student_gated stage): rebuilt from its spec, gates re-attached."""
+    """A gated student saved by a student_pruned stage: rebuilt from its spec, gates
+    re-attached (their logits hold the method's keep decision)."""
     payload = read_checkpoint(path)
     model = build_model(payload["spec"]).to(device)
     example = torch.zeros(1, *payload["meta"]["input_shape"], device=device)

@@ -10,7 +10,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import REFERENCE_MODELS, final_model
 from pipeline.config import (
+    METHOD_NAMES,
     PROFILES,
     BenchmarkConfig,
     CommonConfig,
@@ -18,12 +20,19 @@ from pipeline.config import (
     DistillConfig,
     EngineConfig,
     ExportConfig,
+    KddpConfig,
+    MethodBudget,
+    NetslimConfig,
+    PddConfig,
+    PruneConfig,
+    PruneThenKdConfig,
     ReportConfig,
+    SdapConfig,
     SectionError,
     SlimConfig,
-    StudentGatedConfig,
     TeacherConfig,
     TrainConfig,
+    WeightConfig,
     apply_profile,
     read_params_file,
     validate,
@@ -44,9 +53,16 @@ class Params:
     teacher: TeacherConfig
     distill: DistillConfig
     student_dense: TrainConfig  # the unpruned student, same KD recipe and epoch budget
-    student_gated: StudentGatedConfig
+    prune: PruneConfig  # which methods run, and the common kept-MACs target
+    student_pruned: TrainConfig  # every method's prune phase
+    pdd: PddConfig
+    kddp: KddpConfig
+    prune_then_kd: PruneThenKdConfig
+    sdap: SdapConfig
+    netslim: NetslimConfig
+    weight: WeightConfig
     student_slim: SlimConfig
-    student_final: TrainConfig
+    student_final: TrainConfig  # every method's fine-tuning
     export: ExportConfig
     engine: EngineConfig
     benchmark: BenchmarkConfig
@@ -57,9 +73,16 @@ class Params:
         """The settings object target `name` is built with."""
         return self.runtimes[target_class(name).settings_key]
 
+    def method_settings(self, name: str) -> tuple[MethodBudget, Any]:
+        """What method `name`'s prune stage reads: the common budget and its own section."""
+        budget = MethodBudget(target_macs=self.prune.target_macs,
+                              round_to=self.student_slim.round_to)
+        return budget, getattr(self, name)
+
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Params)
                              if f.name not in ("profile", RUNTIMES)}
+METHOD_SECTIONS = METHOD_NAMES  # one section per pruning method, named after it
 
 
 def runtime_schemas() -> dict[str, type]:
@@ -106,12 +129,50 @@ def _build(merged: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]
 
 
 def _epoch_budget(p: Params) -> list[tuple[str, str]]:
-    budget = p.student_gated.epochs + p.student_final.epochs
-    if p.student_dense.epochs == budget:
-        return []
-    return [("student_dense.epochs", f"({p.student_dense.epochs}) must equal student_gated.epochs "
-             f"+ student_final.epochs ({budget}): pruned and unpruned students are compared at "
-             "the same training budget")]
+    budget = p.student_pruned.epochs + p.student_final.epochs
+    problems = []
+    if p.student_dense.epochs != budget:
+        problems.append(("student_dense.epochs", f"({p.student_dense.epochs}) must equal "
+                         f"student_pruned.epochs + student_final.epochs ({budget}): every method "
+                         "and the unpruned student are compared at the same training budget"))
+    if "sdap" in p.prune.methods and p.sdap.pretrain_epochs >= p.student_pruned.epochs:
+        problems.append(("sdap.pretrain_epochs", f"({p.sdap.pretrain_epochs}) must be below "
+                         f"student_pruned.epochs ({p.student_pruned.epochs}): sdap's "
+                         "self-distillation runs in the prune phase's remaining epochs"))
+    return problems
+
+
+def _compared_models(p: Params) -> list[tuple[str, str]]:
+    """benchmark.models lists the references; every method's student comes from prune.methods."""
+    problems = []
+    for model in p.benchmark.models:
+        if model not in REFERENCE_MODELS:
+            hint = (f"; the pruned students ({', '.join(map(final_model, p.prune.methods))}) "
+                    "are benchmarked because prune.methods lists their methods"
+                    if model.startswith(final_model("")) else "")
+            problems.append(("benchmark.models", f"{model!r} is not a reference model; "
+                             f"expected some of {list(REFERENCE_MODELS)}{hint}"))
+    problems += [("benchmark.models", f"{model!r} is listed more than once")
+                 for model in sorted({m for m in p.benchmark.models
+                                      if p.benchmark.models.count(m) > 1})]
+    for model in p.engine.models:
+        if model not in REFERENCE_MODELS:
+            problems.append(("engine.models", f"{model!r} is not a reference model; expected "
+                             f"some of {list(REFERENCE_MODELS)} (every method's student gets "
+                             "engines because prune.methods lists it)"))
+    for key in ("baseline_model", "dense_model"):
+        model = getattr(p.report, key)
+        if model not in p.benchmark.models:
+            problems.append((f"report.{key}", f"{model!r} is not benchmarked; expected one of "
+                             f"benchmark.models {list(p.benchmark.models)}"))
+    precisions = p.benchmark.targets.get(p.report.chart_target)
+    if precisions is None:
+        problems.append(("report.chart_target", f"{p.report.chart_target!r} is not benchmarked; "
+                         f"expected one of benchmark.targets {list(p.benchmark.targets)}"))
+    elif p.report.chart_precision not in precisions:
+        problems.append(("report.chart_precision", f"{p.report.chart_precision!r} is not "
+                         f"benchmarked on {p.report.chart_target} ({list(precisions)})"))
+    return problems
 
 
 def _targets_support_their_precisions(p: Params) -> list[tuple[str, str]]:
@@ -154,32 +215,31 @@ def _batches_split_over_processes(p: Params) -> list[tuple[str, str]]:
             and section.batch_size % processes]
 
 
-# The models the pipeline trains and exports (dvc.yaml: export's foreach; each is
-# models/<m>.pt and artifacts/<m>.<precision>.onnx). A stage that makes another model adds it
-# here and to that foreach.
-PIPELINE_MODELS = ("teacher", "student_dense", "student_final")
+CROSS_SECTION_RULES = (_epoch_budget, _compared_models, _targets_support_their_precisions,
+                       _benchmarked_batches_fit_the_engine_profile, _batches_split_over_processes)
 
 
-def _benchmarked_models_exist(p: Params) -> list[tuple[str, str]]:
-    problems = [("benchmark.models", f"{model!r} is not a model the pipeline makes; known: "
-                 f"{', '.join(PIPELINE_MODELS)}")
-                for model in p.benchmark.models if model not in PIPELINE_MODELS]
-    repeated = sorted({model for model in p.benchmark.models
-                       if p.benchmark.models.count(model) > 1})
-    problems += [("benchmark.models", f"{model!r} is listed more than once") for model in repeated]
+# Keys dvc.yaml expands into stages (foreach). DVC reads them from params.yaml as written, before
+# any profile applies, so a profile may name them only with the value the file itself has.
+STAGE_KEYS = (("prune", "methods"), ("benchmark", "models"), ("benchmark", "targets"))
+
+
+def _stage_keys_as_written(raw: dict[str, Any], merged: dict[str, Any], overridden: set[str],
+                           profile: str) -> list[tuple[str, str]]:
+    problems = []
+    for section, key in STAGE_KEYS:
+        dotted = f"{section}.{key}"
+        if dotted not in overridden or not isinstance(raw.get(section), dict):
+            continue  # a missing or malformed section is reported by its own validation
+        written, wanted = raw[section].get(key), merged[section].get(key)
+        if wanted != written:
+            shown = "[" + ",".join(map(str, wanted)) + "]" if isinstance(wanted, list) else \
+                wanted
+            problems.append((dotted, f"profiles.{profile} sets {wanted}, but dvc.yaml builds its "
+                             f"stages from the value written at the top of the file ({written}): "
+                             "DVC reads it before any profile applies. Set both, e.g. "
+                             f"dvc exp run -S profile={profile} -S '{dotted}={shown}'"))
     return problems
-
-
-def _reported_models_are_benchmarked(p: Params) -> list[tuple[str, str]]:
-    roles = ("baseline_model", "dense_model", "pruned_model")
-    return [(f"report.{role}", f"{getattr(p.report, role)!r} is not in benchmark.models "
-             f"({', '.join(p.benchmark.models)}); the report compares benchmarked models only")
-            for role in roles if getattr(p.report, role) not in p.benchmark.models]
-
-
-CROSS_SECTION_RULES = (_epoch_budget, _targets_support_their_precisions,
-                       _benchmarked_batches_fit_the_engine_profile, _batches_split_over_processes,
-                       _benchmarked_models_exist, _reported_models_are_benchmarked)
 
 
 @dataclass(frozen=True)
@@ -192,9 +252,14 @@ class _Checked:
     params: Params | None  # None when there are problems
 
 
-def _check(raw: dict[str, Any], path: Path, profile: str | None) -> _Checked:
+def _check(raw: dict[str, Any], path: Path, profile: str | None,
+           active: bool = True) -> _Checked:
+    """`active`: the profile in force, whose stage keys must also be the ones written (another
+    profile's are checked when it is switched on, together with them)."""
     merged, overridden = apply_profile(raw, path, profile)
     built, problems = _build(merged)
+    if active:
+        problems += _stage_keys_as_written(raw, merged, overridden, merged["profile"])
     params = None
     if not problems:
         params = Params(profile=merged["profile"], **built)
@@ -206,7 +271,7 @@ def _check_other(raw: dict[str, Any], path: Path, profile: str) -> _Checked:
     """Like _check, with a profile that cannot even be applied reported as one problem (the
     active profile's own such error is raised at once)."""
     try:
-        return _check(raw, path, profile)
+        return _check(raw, path, profile, active=False)
     except ConfigError as err:
         key, _, message = str(err).removeprefix(f"{path}: ").partition(": ")
         return _Checked(profile, [(key, message)], set(), None)

@@ -1,13 +1,16 @@
 """benchmark stage: latency and accuracy of every model x precision x batch size on ONE target.
 
-DVC runs it once per target listed in params (foreach). For each model and precision it loads
-the file the target runs (its `source`: models/<m>.pt for PyTorch targets,
-artifacts/<m>.<precision>.onnx, the OpenVINO IR or, one per batch size, the ExecuTorch programs;
-names from pipeline.artifacts), measures top-1 on the prepared test images through that runtime
-and its top-1 agreement with the PyTorch model, then the latency distribution per batch size,
-through the one measuring path (targets.measure). Every row has a status - ok, skipped (target,
-precision or batch size not available here, with the reason) or failed (with the error) - and
-the provenance of the machine that produced it. Writes metrics/benchmark_<target>.json and
+DVC runs it once per target listed in params (foreach). The models are the references
+(benchmark.models: teacher, student_dense) and every method's pruned student
+(student_final_<method> for each method in prune.methods), all measured in one run so that their
+latencies are comparable. For each model and precision it loads the file the target runs (its
+`source`: models/<m>.pt for PyTorch targets, artifacts/<m>.<precision>.onnx, the OpenVINO IR
+or, one per batch size, the ExecuTorch programs; names from pipeline.artifacts), measures top-1
+on the prepared test images through that runtime and its top-1 agreement with the PyTorch model,
+then the latency distribution per batch size, through the one measuring path (targets.measure).
+Every row has a status - ok, skipped (target, precision or batch size not available here, with
+the reason) or failed (with the error) - and the provenance of the machine that produced it.
+Writes metrics/benchmark_<target>.json and
 plots/benchmark_<target>.csv.
 
 Before anything is loaded or sent to a device, every ONNX file the target will run is checked
@@ -26,13 +29,13 @@ import numpy as np
 import torch
 
 from pipeline import provenance
-from pipeline.artifacts import FORMATS, artifact_path, sidecar_files
+from pipeline.artifacts import FORMATS, artifact_path, final_model, sidecar_files
 from pipeline.checkpoint import LoadedModel, load_model
-from pipeline.config import BenchmarkConfig, load_section
+from pipeline.config import BenchmarkConfig, PruneConfig, load_section
 from pipeline.data import Dataset, balanced_subset, load_prepared
 from pipeline.errors import ArtifactIntegrityError, CheckpointError, ConfigError
 from pipeline.export.cards import load_verified_onnx, verified_card
-from pipeline.flops import model_cost
+from pipeline.flops import model_cost, sparse_cost
 from pipeline.io import file_sha256, write_csv, write_json
 from stages._cli import RESOLVED, load_settings, run_main
 from targets.base import Runner, Target, TensorSpec, UnsupportedOperation
@@ -45,6 +48,10 @@ log = logging.getLogger("benchmark")
 @dataclass(frozen=True)
 class Settings:
     benchmark: BenchmarkConfig  # the target's own settings: resolved/targets/<target>.json
+    prune: PruneConfig  # the methods whose pruned students are measured
+
+    def models(self) -> tuple[str, ...]:
+        return (*self.benchmark.models, *map(final_model, self.prune.methods))
 
 
 @dataclass(frozen=True)
@@ -109,8 +116,11 @@ class Reference:
     """The PyTorch model a runtime's results are compared with."""
 
     predictions: np.ndarray  # its top-1 class for every eval image
-    macs: int
+    macs: int  # what a dense runtime executes per sample
     params: int
+    params_nonzero: int  # params minus zero conv/linear weights (unstructured pruning)
+    macs_nonzero: int  # MACs a sparse kernel could skip to
+    sparsity: float  # zero share of the conv/linear weights
 
 
 def eval_set(dataset: Dataset, limit: int, loaded: LoadedModel) -> EvalSet:
@@ -128,8 +138,10 @@ def reference_for(loaded: LoadedModel, evalset: EvalSet, batch: int = 256) -> Re
     inputs = torch.from_numpy(evalset.inputs_for(TensorSpec("input", np.dtype(np.float32), ())))
     predictions = [loaded.model(inputs[i:i + batch]).argmax(1).numpy()
                    for i in range(0, len(inputs), batch)]
-    cost = model_cost(loaded.model, tuple(evalset.images_u8.shape[1:]))
-    return Reference(np.concatenate(predictions), cost.macs, cost.params)
+    shape = tuple(evalset.images_u8.shape[1:])
+    cost, sparse = model_cost(loaded.model, shape), sparse_cost(loaded.model, shape)
+    return Reference(np.concatenate(predictions), cost.macs, cost.params, sparse.params_nonzero,
+                     sparse.macs_nonzero, sparse.sparsity)
 
 
 def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
@@ -151,7 +163,8 @@ def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
 COLUMNS = ("model", "target", "precision", "batch_size", "status", "reason", "top1", "agreement",
            "eval_images", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "n", "images_per_s",
            "clock", "h2d_p50_ms", "compute_p50_ms", "d2h_p50_ms", "size_mb", "macs", "params",
-           "artifact", "artifact_sha256", "accuracy_note")
+           "params_nonzero", "macs_nonzero", "sparsity", "checkpoint_top1", "num_classes",
+           "method", "structured", "artifact", "artifact_sha256", "accuracy_note")
 
 
 def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
@@ -163,14 +176,25 @@ def complete_row(partial: dict, identity: dict, run_provenance: dict) -> dict:
     return row
 
 
-def verified_artifacts(target: Target, cfg: BenchmarkConfig,
-                       out_paths: BenchPaths) -> dict[Path, str]:
+def model_facts(model: str, loaded: LoadedModel, reference: Reference) -> dict[str, Any]:
+    """What every row of one model says about it: cost, sparsity, pruning method, top-1 in
+    PyTorch on the whole test split (the training stage's number)."""
+    pruning = loaded.meta.get("pruning") or {}
+    return {"model": model, "macs": reference.macs, "params": reference.params,
+            "params_nonzero": reference.params_nonzero, "macs_nonzero": reference.macs_nonzero,
+            "sparsity": reference.sparsity, "checkpoint_top1": loaded.meta.get("top1"),
+            "num_classes": len(loaded.meta.get("classes", ())),
+            "method": pruning.get("method"), "structured": pruning.get("structured")}
+
+
+def verified_artifacts(target: Target, cfg: BenchmarkConfig, out_paths: BenchPaths,
+                       models: tuple[str, ...]) -> dict[Path, str]:
     """sha256 of every artifact the target will run that exists, each shipped file checked
     against its card first (ONNX files also against the card they embed); ArtifactIntegrityError
     (with the rebuild command) on any mismatch. A missing file is left to its row (failed: run
     the stage that makes it)."""
     hashes = {}
-    for model in cfg.models:
+    for model in models:
         for precision in cfg.targets[target.name]:
             for artifact, _ in out_paths.artifacts(target, model, precision, cfg.batch_sizes):
                 if artifact.is_file():
@@ -186,8 +210,17 @@ def _verified_sha256(target: Target, model: str, artifact: Path) -> str:
             return load_verified_onnx(artifact).card["sha256"]
         return verified_card(artifact)["sha256"]
     except ArtifactIntegrityError as err:
-        raise ArtifactIntegrityError(f"{err}; rebuild it with `dvc repro "
-                                     f"{REBUILT_BY[target.source]}@{model}`") from None
+        raise ArtifactIntegrityError(f"{err}; rebuild it with "
+                                     f"`{rebuild_command(target.source, model)}`") from None
+
+
+def rebuild_command(source: str, model: str) -> str:
+    """The `dvc repro` that remakes a shipped file: a method's student has its own stages."""
+    stage = REBUILT_BY[source]
+    method = model.removeprefix(final_model(""))
+    if method != model:
+        return f"dvc repro {stage}_student_final@{method}"
+    return f"dvc repro {stage}@{model}"
 
 
 def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfig,
@@ -196,12 +229,12 @@ def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfi
     loaded = load_model(out_paths.models_dir / f"{model}.pt")
     evalset = eval_set(dataset, cfg.eval_images, loaded)
     reference = reference_for(loaded, evalset)
+    facts = model_facts(model, loaded, reference)
     rows = []
     for precision in cfg.targets[target.name]:
         for artifact, batches in out_paths.artifacts(target, model, precision, cfg.batch_sizes):
-            identity = {"model": model, "target": target.name, "precision": precision,
+            identity = {**facts, "target": target.name, "precision": precision,
                         "artifact": str(artifact), "artifact_sha256": hashes.get(artifact),
-                        "macs": reference.macs, "params": reference.params,
                         "size_mb": size_mb(artifact)}
             partials = measure(target, artifact, batches, cfg.timing, evalset.feeds,
                                accuracy_through(evalset, reference, max(batches)),
@@ -211,14 +244,17 @@ def model_rows(target: Target, model: str, dataset: Dataset, cfg: BenchmarkConfi
     return rows
 
 
-def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths) -> list[dict]:
-    hashes = verified_artifacts(target, cfg, out_paths)  # before anything is loaded or sent
+def run(cfg: BenchmarkConfig, target: Target, out_paths: BenchPaths,
+        models: tuple[str, ...] | None = None) -> list[dict]:
+    """Measure `models` (default: benchmark.models) on the target and write the results."""
+    models = models or cfg.models
+    hashes = verified_artifacts(target, cfg, out_paths, models)  # before anything is loaded
     availability = target.available()
     if not availability[0]:
         log.warning("target %s is not available here: %s", target.name, availability[1])
     dataset = load_prepared(out_paths.dataset)
     run_provenance = provenance.collect(target.threads, runtime=target.runtime())
-    rows = [complete_row(partial, identity, run_provenance) for model in cfg.models
+    rows = [complete_row(partial, identity, run_provenance) for model in models
             for partial, identity in model_rows(target, model, dataset, cfg, out_paths, hashes)]
     write_results(rows, target.name, availability, out_paths)
     return rows
@@ -260,11 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        cfg = load_settings(Settings, args.resolved).benchmark
+        settings = load_settings(Settings, args.resolved)
+        cfg = settings.benchmark
         if args.target not in cfg.targets:
             raise ConfigError(f"--target {args.target!r} is not listed in benchmark.targets "
                               f"({', '.join(cfg.targets)})")
-        run(cfg, load_target(args.target, args.resolved), BenchPaths.for_target(args.target))
+        run(cfg, load_target(args.target, args.resolved), BenchPaths.for_target(args.target),
+            settings.models())
 
     run_main(body)
 

@@ -1,9 +1,10 @@
 """engine stage: TensorRT engines of every model at one precision, built for one target.
 
-DVC runs it once per TensorRT target and precision (engine@<target>-<precision>). For each model
-of params `engine.models` it builds the exported ONNX file (artifacts/<m>.<precision>.onnx; for
-INT8 the symmetric <m>.int8.trt.onnx) into
-artifacts/engines/<target>/<precision>/<m>.<precision>.<target>.engine with its card, reusing
+DVC runs it once per TensorRT target and precision (engine@<target>-<precision>). For each
+reference model of params `engine.models` and each pruning method's student (student_final_<m>
+for every method in prune.methods) it builds the exported ONNX file
+(artifacts/<m>.<precision>.onnx; for INT8 the symmetric <m>.int8.trt.onnx) into
+engines/<target>/<precision>/<m>.<precision>.<target>.engine with its card, reusing
 the TensorRT timing cache kept in that folder. Engines that run on this machine are then
 checked against ONNX Runtime CPU running the same ONNX file on real test images (fp32: relative
 difference; fp16/int8: top-1 agreement and top-1 drop; limits in params `engine`). Writes
@@ -23,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import PRECISIONS, TIMING_CACHE, card_path, engine_folder
-from pipeline.config import EngineConfig, load_section
+from pipeline.artifacts import PRECISIONS, TIMING_CACHE, card_path, engine_folder, final_model
+from pipeline.config import EngineConfig, PruneConfig, load_section
 from pipeline.data import load_prepared
 from pipeline.errors import ConfigError, ParityError, PipelineError, TargetUnavailable
 from pipeline.export.cards import load_verified_engine, read_card
@@ -42,8 +43,12 @@ log = logging.getLogger("engine")
 @dataclass(frozen=True)
 class Settings:
     engine: EngineConfig
+    prune: PruneConfig  # the methods whose pruned students get engines
     tensorrt: TensorRtSettings = field(metadata={"resolved": "targets/tensorrt"})
     onnxruntime: OnnxRuntimeCpuSettings = field(metadata={"resolved": "targets/onnxruntime-cpu"})
+
+    def models(self) -> tuple[str, ...]:
+        return (*self.engine.models, *map(final_model, self.prune.methods))
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class EnginePaths:
     metrics: Path  # metrics/engine_<target>-<precision>.json
     artifacts: Path = Path("artifacts")
     dataset: Path = Path("data/prepared.npz")
+    root: Path = Path(".")  # engines/<target>/<precision> lie under it (pipeline.artifacts)
 
     @classmethod
     def for_item(cls, target: str, precision: str) -> "EnginePaths":
@@ -130,7 +136,7 @@ def build_model(target: Target, model: str, precision: str, settings: Settings,
                 paths: EnginePaths) -> dict[str, Any]:
     """One model's engine, card and (where it runs here) parity; its row for the metrics."""
     onnx = target.onnx_source(paths.artifacts, model, precision)
-    folder = engine_folder(paths.artifacts, target.name, precision)
+    folder = engine_folder(paths.root, target.name, precision)
     engine = target.build_engine(onnx, folder, settings.tensorrt)
     try:
         parity = check_parity_here(target, engine, onnx, precision, settings, paths) \
@@ -156,10 +162,10 @@ def run(settings: Settings, target: Target, precision: str, paths: EnginePaths) 
         raise ConfigError(f"precision {precision!r}: target {target.name!r} supports "
                           f"{list(target.precisions)}")
     available, reason = target.available()
-    prepare_folder(engine_folder(paths.artifacts, target.name, precision))
+    prepare_folder(engine_folder(paths.root, target.name, precision))
     result = {"target": target.name, "precision": precision, "available": available,
               "reason": reason, "models": {}}
-    for model in settings.engine.models:
+    for model in settings.models():
         if not available:
             log.warning("%s: skipped: %s", model, reason)
             result["models"][model] = {"status": "skipped", "reason": f"target {target.name!r} "

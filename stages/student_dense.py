@@ -1,5 +1,6 @@
 """student_dense stage: the unpruned student, trained with the same KD recipe and epoch budget
-as student_gated + student_final, so that "pruned vs unpruned" is a measured comparison.
+as every method's student_pruned + student_final, so that "pruned vs unpruned" is a measured
+comparison.
 
 Writes models/student_dense.pt, metrics/student_dense.json, plots/student_dense.csv.
 """

@@ -1,26 +1,34 @@
-"""student_slim stage: remove the gated-off channels for real and fold the gates away.
+"""student_slim stage: remove the pruned channels of one method's student for real (DVC runs it
+once per method: student_slim@<method>).
 
-The result is a plain dense network (no gate or mask ops). Exactness is checked on real test
+A structured method's gated student (models/student_pruned_<method>.pt) becomes a plain, narrower
+network with its gates folded away (no gate or mask ops). Exactness is checked on real test
 images in eval mode - slimmed logits must equal gated logits within `student_slim.tolerance`
 relative (max-abs / max-abs of the gated logits) - and again after reloading the saved file,
 which replays the pruning on a fresh model. A violation fails the stage before anything is
-written. Writes models/student_slim.pt and metrics/student_slim.json.
+written. The `weight` method's student has nothing to remove: its zeros stay inside dense
+tensors, and the file is passed on unchanged in its weights (exactness 0 by construction), with
+its sparsity recorded. Writes models/student_slim_<method>.pt and
+metrics/student_slim_<method>.json.
 """
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pipeline.checkpoint import load_model, save_model
+from pipeline.checkpoint import load_model, read_checkpoint, save_model
 from pipeline.config import RunConfig, SlimConfig
 from pipeline.data import normalize
-from pipeline.errors import ParityError
+from pipeline.errors import CheckpointError, ParityError
+from pipeline.flops import sparse_cost
 from pipeline.io import write_json
 from pipeline.prune.slimming import exactness, layer_widths, slim
 from pipeline.students import load_gated
-from stages._cli import stage_main
-from stages._common import cost_of, start_stage
+from stages._cli import RESOLVED, load_settings, run_main
+from stages._common import StageContext, cost_of, start_stage
 
 
 @dataclass(frozen=True)
@@ -31,10 +39,17 @@ class Settings:
 
 @dataclass(frozen=True)
 class Paths:
+    method: str
+    pruned: Path  # models/student_pruned_<method>.pt
+    model: Path  # models/student_slim_<method>.pt
+    metrics: Path  # metrics/student_slim_<method>.json
     dataset: Path = Path("data/prepared.npz")
-    gated: Path = Path("models/student_gated.pt")
-    model: Path = Path("models/student_slim.pt")
-    metrics: Path = Path("metrics/student_slim.json")
+
+    @classmethod
+    def for_method(cls, method: str) -> "Paths":
+        return cls(method, Path(f"models/student_pruned_{method}.pt"),
+                   Path(f"models/student_slim_{method}.pt"),
+                   Path(f"metrics/student_slim_{method}.json"))
 
 
 def check_images(ctx, count: int) -> torch.Tensor:
@@ -52,29 +67,63 @@ def require_exact(reference, candidate, images, tolerance: float, what: str) -> 
     return max_abs, relative
 
 
-def run(settings: Settings, paths: Paths) -> dict:
-    cfg = settings.student_slim
-    ctx = start_stage(settings.common, paths.dataset, __file__)
-    gated, spec, meta = load_gated(paths.gated, ctx.device)
+def pruning_of(path: Path, method: str) -> dict[str, Any]:
+    """The pruning record of the prune stage's file, which must be this method's."""
+    meta = read_checkpoint(path)["meta"]
+    pruning = meta.get("pruning")
+    if not isinstance(pruning, dict) or pruning.get("method") != method:
+        found = pruning.get("method") if isinstance(pruning, dict) else None
+        raise CheckpointError(f"{path}: expected a student pruned by {method!r}, the file says "
+                              f"{found!r}; run student_pruned@{method}")
+    return pruning
+
+
+def slim_structured(cfg: SlimConfig, ctx: StageContext, paths: Paths, record: dict) -> dict:
+    gated, spec, meta = load_gated(paths.pruned, ctx.device)
     slimmed, pruning = slim(gated, cfg.round_to, verify=False)
     images = check_images(ctx, cfg.check_images)
     max_abs, relative = require_exact(gated, slimmed, images, cfg.tolerance, "gated vs slimmed")
     before, after = cost_of(gated.plain_copy(), ctx), cost_of(slimmed, ctx)
-    summary = {"method": "pdd", "round_to": cfg.round_to, "params_before": before.params,
-               "params_after": after.params, "macs_before": before.macs, "macs_after": after.macs}
-    slim_spec = {**spec, "pruning": pruning}
-    save_model(paths.model, slimmed, slim_spec,
+    summary = {**record, "round_to": cfg.round_to, "params_before": before.params,
+               "params_after": after.params, "macs_before": before.macs,
+               "macs_after": after.macs, "sparsity": 0.0}
+    save_model(paths.model, slimmed, {**spec, "pruning": pruning},
                {**ctx.model_meta(after, meta["top1"]), "pruning": summary})
     reloaded = load_model(paths.model, ctx.device).model
     require_exact(slimmed, reloaded, images, cfg.tolerance, "slimmed vs reloaded from file")
-    metrics = {**summary, "max_abs_diff": max_abs, "rel_diff": relative,
-               "check_images": len(images), "widths": layer_widths(slimmed)}
+    return {**summary, "max_abs_diff": max_abs, "rel_diff": relative,
+            "check_images": len(images), "widths": layer_widths(slimmed)}
+
+
+def pass_sparse(ctx: StageContext, paths: Paths, record: dict) -> dict:
+    """Unstructured zeros: nothing to remove; the same weights go on, with their cost."""
+    loaded = load_model(paths.pruned, ctx.device)
+    dense, sparse = cost_of(loaded.model, ctx), sparse_cost(loaded.model, ctx.input_shape)
+    summary = {**record, "round_to": None, "params_before": dense.params,
+               "params_after": dense.params, "macs_before": dense.macs, "macs_after": dense.macs,
+               "sparsity": sparse.sparsity, "params_nonzero": sparse.params_nonzero,
+               "macs_nonzero": sparse.macs_nonzero}
+    save_model(paths.model, loaded.model, loaded.spec,
+               {**ctx.model_meta(dense, loaded.meta["top1"]), "pruning": summary})
+    return {**summary, "max_abs_diff": 0.0, "rel_diff": 0.0, "check_images": 0,
+            "widths": layer_widths(loaded.model)}
+
+
+def run(settings: Settings, paths: Paths) -> dict:
+    ctx = start_stage(settings.common, paths.dataset, __file__)
+    record = pruning_of(paths.pruned, paths.method)
+    metrics = (slim_structured(settings.student_slim, ctx, paths, record) if record["structured"]
+               else pass_sparse(ctx, paths, record))
     write_json(paths.metrics, metrics)
     return metrics
 
 
-def main() -> None:
-    stage_main(__doc__, run, Settings, Paths())
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolved", type=Path, default=RESOLVED)
+    parser.add_argument("--method", required=True, help="a pruning method listed in prune.methods")
+    args = parser.parse_args(argv)
+    run_main(lambda: run(load_settings(Settings, args.resolved), Paths.for_method(args.method)))
 
 
 if __name__ == "__main__":

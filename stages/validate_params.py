@@ -12,6 +12,12 @@ It also writes resolved/targets/<target>.code: the hash of the code target <targ
 name at run time, and DVC cannot give each item of a foreach stage its own list of code files,
 so benchmark@<target> depends on this hash instead: editing targets/ssh.py re-runs the ssh-*
 benchmarks and no other (this stage imports every target, so it re-runs too, in seconds).
+
+Pruning methods work the same way: resolved/methods/<method>.json holds what
+student_pruned@<method> reads (the method's section plus the common MACs target and rounding,
+so adding a method to prune.methods re-runs no other method), and resolved/methods/<method>.code
+the hash of the method's module (pipeline/prune/<method>.py and what it imports), for every
+method whether listed or not.
 """
 
 import argparse
@@ -19,34 +25,38 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.codebase import code_hash
-from pipeline.config import as_dict
+from pipeline.config import METHOD_NAMES, as_dict, method_document
 from pipeline.io import atomic_write_text, write_json
+from pipeline.prune.registry import method_module
 from stages._cli import RESOLVED, run_main
-from stages._params import SECTIONS, Params, load_params
+from stages._params import METHOD_SECTIONS, SECTIONS, Params, load_params
 from targets.registry import target_module, target_names
 
 
 def resolved_documents(params: Params) -> dict[str, Any]:
     """File stem under resolved/ -> its content."""
     documents: dict[str, Any] = {section: as_dict(getattr(params, section))
-                                 for section in SECTIONS}
+                                 for section in SECTIONS if section not in METHOD_SECTIONS}
     # `common` carries the profile name: every stage reads common, and records the profile.
     documents["common"] = {"profile": params.profile, **documents["common"]}
     for name in target_names():
         documents[f"targets/{name}"] = as_dict(params.target_settings(name))
+    for name in METHOD_NAMES:
+        documents[f"methods/{name}"] = method_document(*params.method_settings(name))
     return documents
 
 
-def target_code_hashes() -> dict[str, str]:
-    """File stem under resolved/ -> hash of the code the target runs."""
-    return {f"targets/{name}": code_hash(target_module(name)) for name in target_names()}
+def code_hashes() -> dict[str, str]:
+    """File stem under resolved/ -> hash of the code the target (or pruning method) runs."""
+    return {**{f"targets/{name}": code_hash(target_module(name)) for name in target_names()},
+            **{f"methods/{name}": code_hash(method_module(name)) for name in METHOD_NAMES}}
 
 
 def run(params_path: str, out_dir: Path) -> dict[str, Any]:
     documents = resolved_documents(load_params(params_path))  # raises before anything is written
     for stem, content in documents.items():
         write_json(out_dir / f"{stem}.json", content)
-    for stem, digest in target_code_hashes().items():
+    for stem, digest in code_hashes().items():
         atomic_write_text(out_dir / f"{stem}.code", digest + "\n")
     return documents
 

@@ -8,6 +8,7 @@ from pipeline.artifacts import (
     artifact_path,
     card_path,
     engine_folder,
+    final_model,
     model_folder,
     model_of,
     precision_of,
@@ -20,9 +21,9 @@ def test_onnx_engine_and_card_names():
     onnx = artifact_path("artifacts", "teacher", "int8")
     assert onnx == Path("artifacts/teacher.int8.onnx")
     assert card_path(onnx) == Path("artifacts/teacher.int8.card.json")
-    engine = artifact_path("artifacts", "student_final", "fp16", target="ssh-tensorrt")
-    assert engine == Path("artifacts/student_final.fp16.ssh-tensorrt.engine")
-    assert card_path(engine) == Path("artifacts/student_final.fp16.ssh-tensorrt.card.json")
+    engine = artifact_path("artifacts", "student_final_pdd", "fp16", target="ssh-tensorrt")
+    assert engine == Path("artifacts/student_final_pdd.fp16.ssh-tensorrt.engine")
+    assert card_path(engine) == Path("artifacts/student_final_pdd.fp16.ssh-tensorrt.card.json")
 
 
 def test_openvino_and_executorch_names_live_in_one_folder_per_model():
@@ -101,3 +102,9 @@ def test_sidecars_are_the_files_that_exist_beside_the_main_one(tmp_path):
     assert sidecar_files(onnx) == []  # no external data written
     (tmp_path / "m.fp32.onnx.data").write_text("x")
     assert sidecar_files(onnx) == [tmp_path / "m.fp32.onnx.data"]
+
+
+def test_a_methods_model_name():
+    assert final_model("netslim") == "student_final_netslim"
+    assert artifact_path(".", final_model("prune_then_kd"), "int8").name == \
+        "student_final_prune_then_kd.int8.onnx"

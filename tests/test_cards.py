@@ -46,10 +46,10 @@ def pooling_model() -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("model") / "student_final.pt"
+    path = tmp_path_factory.mktemp("model") / "student_final_pdd.pt"
     save_model(path, build_model({"arch": "resnet20", "num_classes": 3, "base_width": 4}),
                {"arch": "resnet20", "num_classes": 3, "base_width": 4}, META)
-    return describe_source(load_model(path), path, "student_final")
+    return describe_source(load_model(path), path, "student_final_pdd")
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def shipped(source, tmp_path) -> Path:
                                                                 "tools": {"onnx": "1"}})
     proto = pooling_model()
     embed_card(proto, card)
-    path = save_onnx(proto, tmp_path / "student_final.fp32.onnx")
+    path = save_onnx(proto, tmp_path / "student_final_pdd.fp32.onnx")
     write_card(path, card, {"onnxruntime_top1": 0.5})
     return path
 
@@ -73,7 +73,7 @@ def test_card_holds_everything_a_consumer_needs(shipped, source):
     card = json.loads(card_path(shipped).read_text())
     assert card["sha256"] == file_sha256(shipped)
     assert card["size_bytes"] == shipped.stat().st_size
-    assert card["file"] == "student_final.fp32.onnx"
+    assert card["file"] == "student_final_pdd.fp32.onnx"
     assert card["input"] == {"name": "input", "shape": ["batch", 3, 32, 32], "dtype": "float32",
                              "layout": "NCHW, RGB",
                              "preprocessing": "(uint8 pixels / 255 - mean) / std, per channel"}

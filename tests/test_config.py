@@ -23,19 +23,53 @@ def write_params(tmp_path: Path, edit) -> Path:
     return path
 
 
+def switch_to(profile: str):
+    """An edit that selects `profile` the way a user must: with the method list it names, since
+    dvc.yaml builds one chain per method from the list written at the top of the file."""
+    def edit(raw):
+        raw["profile"] = profile
+        listed = (raw["profiles"][profile] or {}).get("prune", {}).get("methods")
+        if listed is not None:
+            raw["prune"]["methods"] = listed
+    return edit
+
+
 @pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
 def test_every_profile_of_the_shipped_params_loads(tmp_path, profile):
-    params = load_params(write_params(tmp_path, lambda raw: raw.update(profile=profile)))
+    params = load_params(write_params(tmp_path, switch_to(profile)))
     assert isinstance(params, Params)
     assert params.profile == profile
 
 
+def test_a_profile_cannot_change_the_stages_dvc_builds(tmp_path):
+    with pytest.raises(ConfigError, match=r"prune\.methods: profiles\.smoke sets .* dvc\.yaml "
+                       r"builds its stages from the value written at the top of the file .*"
+                       r"dvc exp run -S profile=smoke -S 'prune\.methods=\[pdd,kddp,"):
+        load_params(write_params(tmp_path, lambda raw: raw.update(profile="smoke")))
+
+
 def test_profile_overrides_apply(tmp_path):
-    smoke = load_params(write_params(tmp_path, lambda raw: raw.update(profile="smoke")))
-    quick = load_params(write_params(tmp_path, lambda raw: raw.update(profile="quick")))
+    smoke = load_params(write_params(tmp_path, switch_to("smoke")))
+    quick = load_params(write_params(tmp_path, switch_to("quick")))
     assert smoke.data.dataset == "synthetic"
     assert quick.data.dataset == "cifar10"
     assert smoke.teacher.epochs < quick.teacher.epochs
+
+
+def test_smoke_lists_every_method_and_quick_a_subset_of_them(tmp_path):
+    from pipeline.config import METHOD_NAMES
+
+    smoke = load_params(write_params(tmp_path, switch_to("smoke")))
+    quick = load_params(write_params(tmp_path, switch_to("quick")))
+    assert set(smoke.prune.methods) == set(METHOD_NAMES) and len(METHOD_NAMES) == 6
+    assert set(quick.prune.methods) < set(METHOD_NAMES)
+
+
+def test_null_target_means_each_method_at_its_own_size(tmp_path):
+    params = load_params(write_params(tmp_path, lambda raw: raw["prune"].update(
+        target_macs=None)))
+    assert params.prune.target_macs is None
+    assert params.method_settings("netslim")[0].target_macs is None
 
 
 def test_configs_are_frozen():
@@ -80,10 +114,37 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
         (lambda raw: raw["teacher"].update(schedule="multistep", milestones=[99]),
          r"milestone 99 is not before epochs"),
         (lambda raw: raw["student_dense"].update(epochs=99),
-         r"student_dense\.epochs: \(99\) must equal student_gated\.epochs \+ "
+         r"student_dense\.epochs: \(99\) must equal student_pruned\.epochs \+ "
          r"student_final\.epochs"),
-        (lambda raw: raw["student_gated"].update(flops_target=0.5),
+        (lambda raw: raw["pdd"].update(flops_target=0.5),
          r"flops_target and flops_weight switch the MACs budget on together"),
+        # the pruning methods: refused before any stage runs
+        (lambda raw: raw["prune"].update(methods=["pdd", "magic"]),
+         r"prune\.methods\.1: Input should be 'pdd', 'kddp', 'prune_then_kd', 'sdap', "
+         r"'netslim' or 'weight' \(got 'magic'\)"),
+        (lambda raw: raw["prune"].update(methods=["pdd", "pdd"]),
+         r"prune\.methods: each method may be listed once"),
+        (lambda raw: raw["prune"].update(methods=[]), r"prune\.methods: .*at least 1"),
+        (lambda raw: raw["prune"].update(target_macs=0.0),
+         r"prune\.target_macs: Input should be greater than 0"),
+        (lambda raw: raw["prune"].update(target_macs=1.2),
+         r"prune\.target_macs: Input should be less than or equal to 1"),
+        (lambda raw: raw["weight"].update(sparsity=1.0),
+         r"weight\.sparsity: Input should be less than 1"),
+        (lambda raw: raw["weight"].update(sparsity=-0.1),
+         r"weight\.sparsity: Input should be greater than or equal to 0"),
+        (lambda raw: raw["netslim"].update(normalize="max"), r"netslim\.normalize: "),
+        (lambda raw: raw["prune"].update(methods=["sdap"]) or raw["sdap"].update(
+            pretrain_epochs=3), r"sdap\.pretrain_epochs: \(3\) must be below student_pruned"),
+        (lambda raw: raw["benchmark"].update(models=["teacher", "student_dense",
+                                                     "student_final_pdd"]),
+         r"benchmark\.models: 'student_final_pdd' is not a reference model.*benchmarked "
+         r"because prune\.methods lists their methods"),
+        (lambda raw: raw["benchmark"].update(models=["teacher"]),
+         r"report\.dense_model: 'student_dense' is not benchmarked"),
+        (lambda raw: raw["report"].update(chart_target="torch-cuda-graphs") or
+         raw["benchmark"]["targets"].pop("torch-cuda-graphs"),
+         r"report\.chart_target: 'torch-cuda-graphs' is not benchmarked"),
         (lambda raw: raw["student_slim"].update(round_to=0),
          r"student_slim\.round_to: .*greater than or equal"),
         (lambda raw: raw["common"].pop("distributed"), r"common\.distributed: missing key"),
@@ -93,18 +154,18 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
          r"common\.distributed: nnodes=2 needs rdzv_endpoint"),
         (lambda raw: raw["common"]["distributed"].update(rdzv_endpoint="node0"),
          r"common\.distributed: rdzv_endpoint must be host:port"),
-        # Cross-section references: models the pipeline makes, reported models benchmarked.
+        # Cross-section references: reference models only, reported models benchmarked.
         (lambda raw: raw["benchmark"].update(models=["teacher", "student_gated"]),
-         r"benchmark\.models: 'student_gated' is not a model the pipeline makes; known: "
-         r"teacher, student_dense, student_final"),
-        (lambda raw: raw["benchmark"].update(models=["teacher", "teacher", "student_dense",
-                                                     "student_final"]),
+         r"benchmark\.models: 'student_gated' is not a reference model; expected some of "
+         r"\['teacher', 'student_dense'\]"),
+        (lambda raw: raw["benchmark"].update(models=["teacher", "teacher", "student_dense"]),
          r"benchmark\.models: 'teacher' is listed more than once"),
-        (lambda raw: raw["report"].update(pruned_model="student_slim"),
-         r"report\.pruned_model: 'student_slim' is not in benchmark\.models \(teacher, "
-         r"student_dense, student_final\)"),
-        (lambda raw: raw["benchmark"].update(models=["student_dense", "student_final"]),
-         r"report\.baseline_model: 'teacher' is not in benchmark\.models"),
+        (lambda raw: raw["report"].update(dense_model="student_slim"),
+         r"report\.dense_model: 'student_slim' is not benchmarked"),
+        (lambda raw: raw["benchmark"].update(models=["student_dense"]),
+         r"report\.baseline_model: 'teacher' is not benchmarked"),
+        (lambda raw: raw["engine"].update(models=["student_final_pdd"]),
+         r"engine\.models: 'student_final_pdd' is not a reference model"),
         # Every profile and the base sections, not only the merged result of the active one.
         (lambda raw: raw["profiles"]["paper"]["teacher"].update(lr=-1.0),
          r"teacher\.lr: .*greater than 0 \(got -1\.0\) \[set by profiles\.paper\]"),
@@ -123,7 +184,7 @@ def test_bad_params_name_the_key_and_the_file(tmp_path, edit, message):
 
 def test_error_from_a_profile_says_so(tmp_path):
     def edit(raw):
-        raw["profile"] = "smoke"
+        switch_to("smoke")(raw)
         raw["profiles"]["smoke"]["teacher"]["lr"] = -1.0
 
     with pytest.raises(ConfigError, match=r"teacher\.lr: .*\[set by profiles\.smoke\]"):
@@ -167,8 +228,9 @@ def test_each_problem_is_reported_once(tmp_path):
     assert str(caught.value).count("common.seed") == 1
 
 
-def test_the_pipeline_models_are_the_exported_ones():
-    from stages._params import PIPELINE_MODELS
-
+def test_every_export_stage_makes_the_references_and_each_methods_student():
     stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
-    assert tuple(stages["export"]["foreach"]) == PIPELINE_MODELS
+    for stage in ("export", "export_openvino", "export_executorch"):
+        assert stages[stage]["foreach"] == "${benchmark.models}", stage
+        assert stages[f"{stage}_student_final"]["foreach"] == "${prune.methods}", stage
+        assert "--name student_final_${item}" in stages[f"{stage}_student_final"]["do"]["cmd"]

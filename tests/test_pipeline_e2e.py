@@ -18,6 +18,7 @@ PROJECT_FILES = ["pipeline", "stages", "targets", "dvc.yaml", "params.yaml", ".d
                  ".dvcignore", ".gitignore", "pyproject.toml"]
 OUTPUT_DIRS = ["models", "metrics", "artifacts", "plots", "reports", "data", "checkpoints",
                "resolved"]
+METHODS = ("pdd", "kddp", "prune_then_kd", "sdap", "netslim", "weight")  # the smoke profile's
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,10 @@ def smoke_repo(tmp_path_factory) -> Path:
         subprocess.run(["git", *command], cwd=workdir, check=True, capture_output=True)
     # The documented profile switch: DVC rewrites params.yaml (YAML 1.2, quotes dropped where
     # not needed, e.g. amp: "off" -> amp: off) and the stages must read what DVC wrote.
-    first = dvc(workdir, "exp", "run", "-S", "profile=smoke")
+    # prune.methods is named too: dvc.yaml builds one chain per method from the value written in
+    # the file, so a profile cannot change it (validate_params says so, with this command).
+    first = dvc(workdir, "exp", "run", "-S", "profile=smoke",
+                "-S", f"prune.methods=[{','.join(METHODS)}]")
     assert first.returncode == 0, first.stdout + first.stderr
     return workdir
 
@@ -82,24 +86,39 @@ def read_metrics(repo: Path, name: str) -> dict:
     return json.loads((repo / "metrics" / f"{name}.json").read_text())
 
 
-def test_smoke_repro_runs_pdd_slim_and_finetune(smoke_repo):
-    for model in ("student_dense", "student_gated", "student_slim", "student_final"):
-        assert (smoke_repo / "models" / f"{model}.pt").is_file(), model
-        assert (smoke_repo / "metrics" / f"{model}.json").is_file(), model
-    pdd = read_metrics(smoke_repo, "student_gated")
-    assert len(pdd["gate_flips_per_epoch"]) == pdd["epochs"]
-    assert all(g["kept"] >= 1 for g in pdd["kept_channels"].values())
-    slim = read_metrics(smoke_repo, "student_slim")
-    assert slim["rel_diff"] <= 1e-4
-    assert slim["macs_after"] < slim["macs_before"]
-    table = read_metrics(smoke_repo, "compression")
-    assert set(table["models"]) == {"teacher", "student_dense", "student_final"}
-    reduction = table["student_final_vs_student_dense"]
-    assert reduction["flops_reduction"] == pytest.approx(
-        1 - slim["macs_after"] / slim["macs_before"])
+STRUCTURED = METHODS[:-1]
 
 
-MODELS = ("teacher", "student_dense", "student_final")
+def test_smoke_repro_runs_every_method_through_prune_slim_and_finetune(smoke_repo):
+    assert (smoke_repo / "models" / "student_dense.pt").is_file()
+    for method in METHODS:
+        for stage in ("student_pruned", "student_slim", "student_final"):
+            assert (smoke_repo / "models" / f"{stage}_{method}.pt").is_file(), (stage, method)
+            assert (smoke_repo / "metrics" / f"{stage}_{method}.json").is_file(), (stage, method)
+        pruned = read_metrics(smoke_repo, f"student_pruned_{method}")
+        slim = read_metrics(smoke_repo, f"student_slim_{method}")
+        final = read_metrics(smoke_repo, f"student_final_{method}")
+        assert pruned["method"] == slim["method"] == final["method"] == method
+        assert pruned["epochs"] + final["epochs"] == read_metrics(smoke_repo,
+                                                                  "student_dense")["epochs"]
+        table = read_metrics(smoke_repo, f"compression_{method}")
+        assert set(table["models"]) == {"teacher", "student_dense", "student_final"}
+        if method in STRUCTURED:  # driven to the common target, sliced exactly
+            assert pruned["decision"]["mode"] == "target"
+            assert pruned["decision"]["macs_fraction"] <= 0.5
+            assert slim["rel_diff"] <= 1e-4 and slim["macs_after"] <= 0.5 * slim["macs_before"]
+            assert table["student_final_vs_student_dense"]["flops_reduction"] >= 0.5
+            assert final["sparsity"] == 0.0
+        else:  # unstructured: same shapes, zeros kept through fine-tuning
+            assert slim["macs_after"] == slim["macs_before"] and slim["rel_diff"] == 0.0
+            assert slim["sparsity"] == pytest.approx(0.8, abs=1e-4)
+            assert final["sparsity"] == pytest.approx(slim["sparsity"], abs=1e-9)
+    pdd = read_metrics(smoke_repo, "student_pruned_pdd")
+    assert len(pdd["decision"]["gate_flips_per_epoch"]) == pdd["epochs"]
+    assert "own size" in pdd["alternatives"]
+
+
+MODELS = ("teacher", "student_dense", *(f"student_final_{m}" for m in METHODS))
 
 
 def test_smoke_repro_exports_every_model_behind_parity_gates(smoke_repo):
@@ -108,6 +127,28 @@ def test_smoke_repro_exports_every_model_behind_parity_gates(smoke_repo):
             assert (smoke_repo / "artifacts" / f"{model}.{precision}.onnx").is_file()
             assert (smoke_repo / "artifacts" / f"{model}.{precision}.card.json").is_file()
         assert (smoke_repo / "metrics" / f"export_{model}.json").is_file()
+
+
+def test_the_weight_methods_onnx_holds_plain_tensors_with_zeros(smoke_repo):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    dense = onnx.load(str(smoke_repo / "artifacts" / "student_dense.fp32.onnx"))
+    sparse = onnx.load(str(smoke_repo / "artifacts" / "student_final_weight.fp32.onnx"))
+    assert {n.op_type for n in sparse.graph.node} == {n.op_type for n in dense.graph.node}
+    weights = [numpy_helper.to_array(init) for init in sparse.graph.initializer
+               if numpy_helper.to_array(init).ndim in (2, 4)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+    assert zeros == pytest.approx(0.8, abs=0.01) and np.isfinite(zeros)
+
+
+def method_table(report: str) -> dict[str, list[str]]:
+    """The method comparison's first table: model -> its cells."""
+    section = report.split("## Method comparison", 1)[1].split("\n\n|", 1)[1]
+    lines = ("|" + section).split("\n\n", 1)[0].splitlines()[2:]
+    return {cells[0]: cells[1:] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
 
 
 def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
@@ -120,8 +161,14 @@ def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
         assert by_target["torch-cuda"]["status"] == "skipped" and by_target["torch-cuda"]["reason"]
     assert {row["model"] for row in rows} == set(MODELS)
     report = (smoke_repo / "reports" / "report.md").read_text()
-    assert "| student_final | onnxruntime-cpu | int8 |" in report
-    for png in ("latency.png", "accuracy_vs_latency.png"):
+    assert "| student_final_pdd | onnxruntime-cpu | int8 |" in report
+    table = method_table(report)
+    assert set(table) == set(MODELS)
+    for model, cells in table.items():  # a number in every column (after the method name)
+        for cell in cells[1:]:
+            assert float(cell.rstrip("x").replace(",", "")) == float(
+                cell.rstrip("x").replace(",", "")), (model, cell)
+    for png in ("latency.png", "accuracy_vs_latency.png", "methods.png"):
         assert (smoke_repo / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -137,17 +184,20 @@ def test_smoke_repro_runs_every_engine_stage_and_goes_on(smoke_repo, item):
     result = read_metrics(smoke_repo, f"engine_{item}")
     target, precision = result["target"], result["precision"]
     assert f"{target}-{precision}" == item and set(result["models"]) == set(MODELS)
-    folder = smoke_repo / "artifacts" / "engines" / target / precision
+    folder = smoke_repo / "engines" / target / precision
     assert folder.is_dir()
     statuses = {row["status"] for row in result["models"].values()}
     if result["available"]:
         assert statuses == {"ok"}
-        assert len(list(folder.glob("*.engine"))) == len(list(folder.glob("*.card.json"))) == 3
+        assert len(list(folder.glob("*.engine"))) == len(list(folder.glob("*.card.json"))) \
+            == len(MODELS)
     else:
         assert statuses == {"skipped"} and result["reason"]
         assert all(result["reason"] in row["reason"] for row in result["models"].values())
         assert not list(folder.glob("*.engine"))
     assert (smoke_repo / "reports" / "report.md").is_file()
+
+
 EDGE_RUNTIMES = {"openvino-cpu": ("export_openvino", ("fp32", "int8")),
                  "executorch-xnnpack": ("export_executorch", ("fp32", "int8"))}
 
@@ -196,6 +246,8 @@ def stages_run(result: subprocess.CompletedProcess) -> set[str]:
 
 @pytest.mark.parametrize(("module", "expected"), [
     ("pipeline/report.py", {"report"}),
+    # a method's module reaches its own chain only (through resolved/methods/<m>.code)
+    ("pipeline/prune/netslim.py", {"validate_params", "student_pruned@netslim"}),
     # validate_params imports every target to validate its settings (it re-runs in seconds) and
     # writes each target's code hash, which only the benchmark of that target depends on.
     # The engine stages of ssh-tensorrt depend on its code hash the same way.
@@ -238,9 +290,13 @@ def set_param(path: Path, keys: tuple, value) -> None:
      (("common", "colour"), "red", "common.colour"),
      # Cross-section references, checked before DVC deletes any output.
      (("benchmark", "models"), ["teacher", "student_gated"], "benchmark.models"),
-     (("report", "pruned_model"), "student_slim", "report.pruned_model"),
+     (("report", "dense_model"), "student_slim", "report.dense_model"),
      # A base value the active profile overrides must be valid too.
-     (("data", "synthetic_test"), 0, "data.synthetic_test")],
+     (("data", "synthetic_test"), 0, "data.synthetic_test"),
+     # Bad pruning settings are refused before any method's outputs are deleted.
+     (("prune", "target_macs"), 1.5, "prune.target_macs"),
+     (("weight", "sparsity"), 1.0, "weight.sparsity"),
+     (("prune", "methods"), ["pdd", "magic"], "prune.methods")],
 )
 def test_bad_params_stop_with_the_key_and_touch_nothing(smoke_repo, keys, value, key):
     params = smoke_repo / "params.yaml"

@@ -22,17 +22,18 @@ from sshd_fixture import (
     with_card,
 )
 
-from pipeline.checkpoint import load_model
+from pipeline.checkpoint import load_model, save_model
 from pipeline.config import BenchmarkConfig, TimingPlan
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import ArtifactIntegrityError
 from pipeline.io import file_sha256
+from pipeline.prune.sparse import apply_masks, magnitude_masks
 from stages.benchmark import BenchPaths, run
 from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
 from targets.registry import make_target
 from targets.torch_eager import TorchSettings
 
-MODELS = ("teacher", "student_final")
+MODELS = ("teacher", "student_final_pdd")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,18 @@ def workspace(tmp_path_factory) -> Path:
     (root / "artifacts").mkdir()
     for model, width in zip(MODELS, (8, 4), strict=True):
         checkpoint = tiny_checkpoint(root / "models" / f"{model}.pt", base_width=width)
+        if model != "teacher":
+            make_sparse(checkpoint)
         with_card(tiny_onnx(checkpoint, root / "artifacts" / f"{model}.fp32.onnx"), model)
     return root
+
+
+def make_sparse(checkpoint: Path) -> None:
+    """Half the weights zero, recorded as the `weight` method's student."""
+    loaded = load_model(checkpoint)
+    apply_masks(loaded.model, magnitude_masks(loaded.model, 0.5))
+    save_model(checkpoint, loaded.model, loaded.spec,
+               {**loaded.meta, "top1": 0.5, "pruning": {"method": "weight", "structured": False}})
 
 
 def paths(root: Path, target: str) -> BenchPaths:
@@ -84,7 +95,7 @@ def test_torch_cpu_rows_carry_accuracy_latency_and_provenance(workspace):
     out = paths(workspace, "torch-cpu")
     rows = run(config({"torch-cpu": ("fp32",)}), target("torch-cpu"), out)
     assert [(r["model"], r["batch_size"]) for r in rows] == [
-        ("teacher", 1), ("teacher", 4), ("student_final", 1), ("student_final", 4)]
+        ("teacher", 1), ("teacher", 4), ("student_final_pdd", 1), ("student_final_pdd", 4)]
     for row in rows:
         assert row["status"] == "ok" and row["reason"] == ""
         assert row["agreement"] == 1.0 and 0 <= row["top1"] <= 1 and row["eval_images"] == 12
@@ -92,9 +103,16 @@ def test_torch_cpu_rows_carry_accuracy_latency_and_provenance(workspace):
         assert row["provenance"]["threads"] == 1 and row["provenance"]["cpu_model"]
         assert row["size_mb"] > 0 and row["artifact"].endswith(f"{row['model']}.pt")
     assert rows[0]["macs"] > rows[2]["macs"]  # width 8 teacher vs width 4 student
+    teacher, student = rows[0], rows[2]
+    assert teacher["sparsity"] == 0.0 and teacher["params_nonzero"] == teacher["params"]
+    assert teacher["method"] is None and teacher["num_classes"] == 10
+    assert student["method"] == "weight" and student["structured"] is False
+    assert student["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert student["params_nonzero"] < student["params"]
+    assert student["macs_nonzero"] < student["macs"] and student["checkpoint_top1"] == 0.5
     saved = json.loads(out.metrics.read_text())
     assert saved["target"] == "torch-cpu" and saved["available"] is True
-    assert saved["results"]["student_final/fp32/b4"]["p50_ms"] == rows[3]["p50_ms"]
+    assert saved["results"]["student_final_pdd/fp32/b4"]["p50_ms"] == rows[3]["p50_ms"]
     with out.plots.open() as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 4 and table[0]["prov_threads"] == "1" and "prov_git_revision" in table[0]
@@ -176,11 +194,11 @@ def copy_of(workspace: Path, folder: Path) -> Path:
 def test_an_artifact_that_does_not_match_its_card_stops_the_stage(workspace, tmp_path,
                                                                    target_name):
     root = copy_of(workspace, tmp_path / "ws")
-    tamper(root / "artifacts" / "student_final.fp32.onnx")
+    tamper(root / "artifacts" / "student_final_pdd.fp32.onnx")
     out = paths(root, target_name)
-    with pytest.raises(ArtifactIntegrityError, match=r"student_final\.fp32\.onnx: sha256 \w+ "
+    with pytest.raises(ArtifactIntegrityError, match=r"student_final_pdd\.fp32\.onnx: sha256 \w+ "
                                                      r"does not match its card's .*rebuild it "
-                                                     r"with `dvc repro export@student_final`"):
+                                                     r"with `dvc repro export_student_final@pdd`"):
         run(config({target_name: ("fp32",)}), target(target_name), out)
     assert not out.metrics.exists()
 
@@ -234,18 +252,18 @@ def test_openvino_rows_run_the_shipped_ir_and_bf16_compiles_the_fp32_one(workspa
 def test_executorch_rows_run_one_program_per_batch_size(workspace):
     from pipeline.export.executorch import export_programs
 
-    folder = workspace / "artifacts" / "executorch" / "student_final"
+    folder = workspace / "artifacts" / "executorch" / "student_final_pdd"
     folder.mkdir(parents=True)
-    model = load_model(workspace / "models" / "student_final.pt").model
+    model = load_model(workspace / "models" / "student_final_pdd.pt").model
     for batch, program in export_programs(model, "fp32", (1, 4), (3, 32, 32)).items():
-        (folder / f"student_final.fp32.b{batch}.pte").write_bytes(program.buffer)
-        with_card(folder / f"student_final.fp32.b{batch}.pte", "student_final")
+        (folder / f"student_final_pdd.fp32.b{batch}.pte").write_bytes(program.buffer)
+        with_card(folder / f"student_final_pdd.fp32.b{batch}.pte", "student_final_pdd")
     rows = run(config({"executorch-xnnpack": ("fp32", "int8")}, models=MODELS[1:]), EXECUTORCH,
                paths(workspace, "executorch-xnnpack"))
     assert [(r["precision"], r["batch_size"], r["status"]) for r in rows] == [
         ("fp32", 1, "ok"), ("fp32", 4, "ok"), ("int8", 1, "failed"), ("int8", 4, "failed")]
-    assert [Path(r["artifact"]).name for r in rows[:2]] == ["student_final.fp32.b1.pte",
-                                                             "student_final.fp32.b4.pte"]
+    assert [Path(r["artifact"]).name for r in rows[:2]] == ["student_final_pdd.fp32.b1.pte",
+                                                             "student_final_pdd.fp32.b4.pte"]
     assert rows[0]["agreement"] == rows[1]["agreement"] == 1.0 and rows[1]["eval_images"] == 12
     assert rows[0]["provenance"]["runtime_info"] == {"threadpool_threads": 1}
     assert "(run the export_executorch stage)" in rows[2]["reason"]

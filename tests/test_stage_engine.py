@@ -17,7 +17,7 @@ from test_stage_export import RUNTIME, export_config
 
 import stages.export as export_stage
 from pipeline.checkpoint import save_model
-from pipeline.config import EngineConfig, EngineParityLimits
+from pipeline.config import EngineConfig, EngineParityLimits, PruneConfig
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import BuildError, ParityError
 from pipeline.export.cards import load_verified_engine, read_card, write_engine_card
@@ -31,10 +31,10 @@ from targets.registry import make_target
 
 BUILD = TensorRtSettings(device=0, min_batch=1, opt_batch=16, max_batch=16, workspace_mib=64,
                          tf32=False)
-LIMITS = EngineConfig(models=("student_final",), parity_images=48, fp32_max_rel_diff=1e-3,
+LIMITS = EngineConfig(models=(), parity_images=48, fp32_max_rel_diff=1e-3,
                       fp16=EngineParityLimits(min_top1_agreement=0.9, max_top1_drop=10.0),
                       int8=EngineParityLimits(min_top1_agreement=0.5, max_top1_drop=50.0))
-SETTINGS = Settings(LIMITS, BUILD, RUNTIME)
+SETTINGS = Settings(LIMITS, PruneConfig(methods=("pdd",), target_macs=None), BUILD, RUNTIME)
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
@@ -51,8 +51,8 @@ def exported(tmp_path_factory) -> Path:
     meta = {"classes": list(dataset.classes), "mean": list(dataset.mean),
             "std": list(dataset.std), "input_shape": [3, 32, 32], "dataset": dataset.name,
             "params": cost.params, "macs": cost.macs, "top1": 0.25}
-    save_model(root / "models" / "student_final.pt", model, spec, meta)
-    export_stage.run(export_config(), RUNTIME, root / "models" / "student_final.pt",
+    save_model(root / "models" / "student_final_pdd.pt", model, spec, meta)
+    export_stage.run(export_config(), RUNTIME, root / "models" / "student_final_pdd.pt",
                      root / "data" / "prepared.npz", root / "artifacts")
     return root
 
@@ -61,7 +61,7 @@ def workspace(exported: Path, tmp_path: Path) -> EnginePaths:
     for folder in ("data", "artifacts"):
         shutil.copytree(exported / folder, tmp_path / folder)
     return EnginePaths(tmp_path / "metrics" / "engine.json", tmp_path / "artifacts",
-                       tmp_path / "data" / "prepared.npz")
+                       tmp_path / "data" / "prepared.npz", tmp_path)
 
 
 class LogitsRunner(Runner):
@@ -122,12 +122,12 @@ class OnnxAsEngine(Target, EngineBuilder):
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here: nothing is skipped")
 def test_without_tensorrt_every_row_is_skipped_and_the_folder_kept_empty(exported, tmp_path):
     paths = workspace(exported, tmp_path)
-    folder = paths.artifacts / "engines" / "tensorrt" / "fp16"
+    folder = paths.root / "engines" / "tensorrt" / "fp16"
     folder.mkdir(parents=True)
     (folder / "timing.cache").write_bytes(b"tactics")  # kept: DVC persists the folder for it
     (folder / "old.fp16.tensorrt.engine").write_bytes(b"stale")
     result = run(SETTINGS, make_target("tensorrt", BUILD), "fp16", paths)
-    row = result["models"]["student_final"]
+    row = result["models"]["student_final_pdd"]
     assert row["status"] == "skipped" and "TensorRT Python bindings are not importable" in \
         row["reason"] and not result["available"]
     assert sorted(p.name for p in folder.iterdir()) == ["timing.cache"]
@@ -138,12 +138,12 @@ def test_without_tensorrt_every_row_is_skipped_and_the_folder_kept_empty(exporte
 def test_engines_that_match_onnx_runtime_pass_with_their_card(exported, tmp_path, precision):
     paths = workspace(exported, tmp_path)
     result = run(SETTINGS, OnnxAsEngine(BUILD), precision, paths)
-    row = result["models"]["student_final"]
-    engine = paths.artifacts / "engines" / "onnx-as-engine" / precision / \
-        f"student_final.{precision}.onnx-as-engine.engine"
+    row = result["models"]["student_final_pdd"]
+    engine = paths.root / "engines" / "onnx-as-engine" / precision / \
+        f"student_final_pdd.{precision}.onnx-as-engine.engine"
     assert row["status"] == "ok" and row["engine"] == str(engine)
-    assert row["onnx"].endswith("student_final.int8.trt.onnx" if precision == "int8"
-                                else f"student_final.{precision}.onnx")
+    assert row["onnx"].endswith("student_final_pdd.int8.trt.onnx" if precision == "int8"
+                                else f"student_final_pdd.{precision}.onnx")
     _, card = load_verified_engine(engine)
     source = read_card(Path(row["onnx"]).with_suffix(".card.json"))
     assert card["classes"] == source["classes"] and card["mean"] == source["mean"]
@@ -155,13 +155,13 @@ def test_engines_that_match_onnx_runtime_pass_with_their_card(exported, tmp_path
 
 def test_an_engine_outside_the_limit_is_refused_and_removed(exported, tmp_path):
     paths = workspace(exported, tmp_path)
-    with pytest.raises(ParityError, match=r"student_final.fp32.onnx-as-engine.engine vs "
+    with pytest.raises(ParityError, match=r"student_final_pdd.fp32.onnx-as-engine.engine vs "
                                           r"onnxruntime-cpu on 48 test images: relative diff "
                                           r".* exceeds the allowed 1\.000e-03"):
         run(SETTINGS, OnnxAsEngine(BUILD, noise=0.01), "fp32", paths)
-    folder = paths.artifacts / "engines" / "onnx-as-engine" / "fp32"
+    folder = paths.root / "engines" / "onnx-as-engine" / "fp32"
     assert list(folder.iterdir()) == []  # neither the engine nor its card remains
-    row = json.loads(paths.metrics.read_text())["models"]["student_final"]
+    row = json.loads(paths.metrics.read_text())["models"]["student_final_pdd"]
     assert row["status"] == "failed" and "ParityError" in row["reason"]
 
 
@@ -197,10 +197,11 @@ def test_engine_logits_cover_every_image_within_the_profile():
 
 def test_a_missing_source_file_fails_the_stage_with_the_row_written(exported, tmp_path):
     paths = workspace(exported, tmp_path)
-    (paths.artifacts / "student_final.int8.trt.onnx").unlink()
-    with pytest.raises(BuildError, match="student_final.int8.trt.onnx: expected an existing"):
+    (paths.artifacts / "student_final_pdd.int8.trt.onnx").unlink()
+    with pytest.raises(BuildError, match="student_final_pdd.int8.trt.onnx: expected an existing"):
         run(SETTINGS, OnnxAsEngine(BUILD), "int8", paths)
-    assert json.loads(paths.metrics.read_text())["models"]["student_final"]["status"] == "failed"
+    rows = json.loads(paths.metrics.read_text())["models"]
+    assert rows["student_final_pdd"]["status"] == "failed"
 
 
 # --- ssh-tensorrt's build mode, device = the loopback sshd with the trtexec stand-in ---
@@ -216,15 +217,16 @@ def test_ssh_engines_are_built_on_the_device_and_carded(exported, tmp_path, sshd
     standin = install_trtexec_standin(sshd_server.folder, "100300")
     target = make_target("ssh-tensorrt", settings_for(sshd_server, trtexec=str(standin)))
     result = run(SETTINGS, target, "int8", paths)
-    row = result["models"]["student_final"]
-    assert row["status"] == "ok" and row["onnx"].endswith("student_final.int8.trt.onnx")
+    row = result["models"]["student_final_pdd"]
+    assert row["status"] == "ok" and row["onnx"].endswith("student_final_pdd.int8.trt.onnx")
     assert (row["tensorrt"], row["gpu"], row["compute_capability"]) == ("10.3.0", "Orin", "8.7")
     assert row["parity"]["status"] == "not checked" and "on the device" in row["parity"]["reason"]
-    folder = paths.artifacts / "engines" / "ssh-tensorrt" / "int8"
+    folder = paths.root / "engines" / "ssh-tensorrt" / "int8"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "student_final.int8.ssh-tensorrt.card.json", "student_final.int8.ssh-tensorrt.engine",
+        "student_final_pdd.int8.ssh-tensorrt.card.json",
+        "student_final_pdd.int8.ssh-tensorrt.engine",
         "timing.cache"]
-    _, card = load_verified_engine(folder / "student_final.int8.ssh-tensorrt.engine")
+    _, card = load_verified_engine(folder / "student_final_pdd.int8.ssh-tensorrt.engine")
     assert card["engine_sha256"] == row["engine_sha256"]
     assert card["source_card"]["sha256"] == card["source_onnx_sha256"]
     assert card["profile"]["max"] == [16, 3, 32, 32] and card["mean"] == card["source_card"]["mean"]
@@ -234,10 +236,10 @@ def test_ssh_engines_are_built_on_the_device_and_carded(exported, tmp_path, sshd
 def test_a_device_without_trtexec_gives_skipped_rows(exported, tmp_path, sshd_server):
     paths = workspace(exported, tmp_path)
     target = make_target("ssh-tensorrt", settings_for(sshd_server, trtexec="/nonexistent/trt"))
-    row = run(SETTINGS, target, "fp16", paths)["models"]["student_final"]
+    row = run(SETTINGS, target, "fp16", paths)["models"]["student_final_pdd"]
     assert row["status"] == "skipped" and "'/nonexistent/trt' not found on the device" in \
         row["reason"]
-    assert not list((paths.artifacts / "engines" / "ssh-tensorrt" / "fp16").iterdir())
+    assert not list((paths.root / "engines" / "ssh-tensorrt" / "fp16").iterdir())
 
 
 def test_settings_are_read_from_the_resolved_files(tmp_path, monkeypatch):
@@ -248,7 +250,8 @@ def test_settings_are_read_from_the_resolved_files(tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setattr(engine_stage, "run", lambda s, t, p, paths: calls.update(
         settings=s, target=t.name, precision=p, metrics=paths.metrics))
-    for stem, content in {"engine": as_dict(LIMITS), "targets/tensorrt": as_dict(BUILD),
+    for stem, content in {"engine": as_dict(LIMITS), "prune": as_dict(SETTINGS.prune),
+                          "targets/tensorrt": as_dict(BUILD),
                           "targets/onnxruntime-cpu": as_dict(RUNTIME)}.items():
         write_json(tmp_path / "resolved" / f"{stem}.json", content)
     monkeypatch.chdir(tmp_path)

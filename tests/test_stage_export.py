@@ -50,46 +50,46 @@ def workspace(tmp_path_factory) -> Path:
     meta = {"classes": list(dataset.classes), "mean": list(dataset.mean),
             "std": list(dataset.std), "input_shape": [3, 32, 32], "dataset": dataset.name,
             "params": cost.params, "macs": cost.macs, "top1": 0.25}
-    save_model(root / "models" / "student_final.pt", model, SPEC, meta)
+    save_model(root / "models" / "student_final_pdd.pt", model, SPEC, meta)
     return root
 
 
 @pytest.fixture(scope="module")
 def result(workspace) -> dict:
-    return export_stage.run(export_config(), RUNTIME, workspace / "models" / "student_final.pt",
+    return export_stage.run(export_config(), RUNTIME, workspace / "models" / "student_final_pdd.pt",
                             workspace / "data" / "prepared.npz", workspace / "artifacts")
 
 
 def test_every_shipped_file_is_written_with_a_card_that_verifies(workspace, result):
     shipped = sorted(path.name for path in (workspace / "artifacts").iterdir())
-    assert shipped == sorted(f"student_final.{p}.{ext}" for p in (*SHIPPED, "int8.trt")
+    assert shipped == sorted(f"student_final_pdd.{p}.{ext}" for p in (*SHIPPED, "int8.trt")
                              for ext in ("onnx", "card.json"))
     for variant, stem in VARIANT_STEMS.items():
-        path = workspace / "artifacts" / f"student_final.{stem}.onnx"
+        path = workspace / "artifacts" / f"student_final_pdd.{stem}.onnx"
         verified = load_verified_onnx(path)
         assert verified.card["precision"] == stem.split(".")[0]
-        assert verified.card["model"] == "student_final" and verified.card["opset"] == 18
+        assert verified.card["model"] == "student_final_pdd" and verified.card["opset"] == 18
         assert verified.card["metrics"]["onnxruntime_top1"] == result["files"][variant]["top1"]
-        assert card_path(path).name == f"student_final.{stem}.card.json"
+        assert card_path(path).name == f"student_final_pdd.{stem}.card.json"
     assert result["files"]["exported"]["path"] is None  # checked, then dropped
 
 
 def test_the_tensorrt_int8_file_is_one_tensorrt_parses(workspace, result):
-    trt = workspace / "artifacts" / "student_final.int8.trt.onnx"
+    trt = workspace / "artifacts" / "student_final_pdd.int8.trt.onnx"
     assert precision_problems(audit(trt), "int8") == []
-    cpu_problems = precision_problems(audit(workspace / "artifacts" / "student_final.int8.onnx"),
-                                      "int8")
+    cpu_file = workspace / "artifacts" / "student_final_pdd.int8.onnx"
+    cpu_problems = precision_problems(audit(cpu_file), "int8")
     assert any("UINT8" in problem for problem in cpu_problems)
     card = load_verified_onnx(trt).card
     assert card["export"]["quantization"]["extra_options"]["QuantizeBias"] is False
-    assert card["export"]["derived_from"] == "student_final.fp32.onnx"
+    assert card["export"]["derived_from"] == "student_final_pdd.fp32.onnx"
     assert result["int8_trt_top1_drop_points"] == pytest.approx(
         100 * (result["files"]["fp32"]["top1"] - result["files"]["int8_trt"]["top1"]))
     assert result["files"]["int8_trt"]["parity"]["vs_torch_b64"]["images"] == 64
 
 
 def test_metrics_hold_parity_node_counts_sizes_and_accuracy(result):
-    assert result["model"] == "student_final" and result["parity_batches"] == [1, 64]
+    assert result["model"] == "student_final_pdd" and result["parity_batches"] == [1, 64]
     assert result["simplify"]["nodes_before"] == result["files"]["exported"]["nodes"] == 58
     assert result["simplify"]["nodes_after"] == result["files"]["fp32"]["nodes"] == 56
     for variant, entry in result["files"].items():
@@ -111,7 +111,7 @@ def test_metrics_hold_parity_node_counts_sizes_and_accuracy(result):
 def test_each_file_gives_the_same_per_sample_results_at_batch_1_and_64(workspace, result,
                                                                       precision):
     session = ort.InferenceSession(str(workspace / "artifacts" /
-                                       f"student_final.{precision}.onnx"),
+                                       f"student_final_pdd.{precision}.onnx"),
                                    providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)
     together = session.run(["logits"], {"input": x})[0]
@@ -125,12 +125,12 @@ def test_each_file_gives_the_same_per_sample_results_at_batch_1_and_64(workspace
 @pytest.mark.slow  # a second full export (~10 s on 2 cores)
 def test_a_failed_gate_stops_the_stage_before_any_card(workspace, tmp_path):
     strict_fp16 = export_config(fp16=ParityTolerance(max_rel_diff=1e-7, min_top1_agreement=1.0))
-    with pytest.raises(ParityError, match=r"student_final.fp16.onnx vs torch at batch 1 on 64 "
+    with pytest.raises(ParityError, match=r"student_final_pdd.fp16.onnx vs torch at batch 1 on 64 "
                                           r"images: relative diff .* exceeds the allowed "
                                           r"1\.000e-07"):
-        export_stage.run(strict_fp16, RUNTIME, workspace / "models" / "student_final.pt",
+        export_stage.run(strict_fp16, RUNTIME, workspace / "models" / "student_final_pdd.pt",
                          workspace / "data" / "prepared.npz", tmp_path)
-    assert (tmp_path / "student_final.fp16.onnx").is_file()
+    assert (tmp_path / "student_final_pdd.fp16.onnx").is_file()
     assert not list(tmp_path.glob("*.card.json"))
 
 
@@ -139,14 +139,14 @@ def test_too_few_training_images_for_calibration(workspace, tmp_path):
         calibration_images=1024, calibration_batch=128, calibration_method="minmax",
         activation_type="uint8", reduce_range=False, max_top1_drop=1.0))
     with pytest.raises(DataError, match="calibration needs 1024 training images .* has 512"):
-        export_stage.run(config, RUNTIME, workspace / "models" / "student_final.pt",
+        export_stage.run(config, RUNTIME, workspace / "models" / "student_final_pdd.pt",
                          workspace / "data" / "prepared.npz", tmp_path)
 
 
 def test_dataset_with_other_classes_is_refused(workspace, tmp_path):
     save_prepared(make_synthetic(512, 8, 3, seed=0), tmp_path / "other.npz")
     with pytest.raises(DataError, match="expected the same"):
-        export_stage.run(export_config(), RUNTIME, workspace / "models" / "student_final.pt",
+        export_stage.run(export_config(), RUNTIME, workspace / "models" / "student_final_pdd.pt",
                          tmp_path / "other.npz", tmp_path)
 
 

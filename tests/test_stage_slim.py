@@ -1,20 +1,24 @@
-"""The slim stage: exact on real images, and a violation fails it before anything is written."""
+"""The slim stage: exact on real images, a violation fails it before anything is written, and
+the `weight` method's sparse student passes through unchanged."""
 
 
 import pytest
 import torch
 
-from pipeline.checkpoint import load_model, save_model
+from pipeline.checkpoint import load_model, read_checkpoint, save_model
 from pipeline.config import DistributedConfig, RunConfig, SlimConfig
 from pipeline.data import make_synthetic, save_prepared
-from pipeline.errors import ParityError
+from pipeline.errors import CheckpointError, ParityError
+from pipeline.flops import sparse_cost
 from pipeline.models import build_model
 from pipeline.prune.gates import attach_gates
+from pipeline.prune.sparse import apply_masks, magnitude_masks
 from stages import student_slim as slim_stage
 from stages.compression import compression_table
 
 ONE_PROCESS = DistributedConfig(nproc_per_node=1, nnodes=1, rdzv_endpoint="", sync_batchnorm=True,
                                 max_restarts=0, timeout_s=600)
+PDD = {"method": "pdd", "structured": True, "target_macs": None, "recovery_teacher": "teacher"}
 
 
 @pytest.fixture
@@ -29,14 +33,16 @@ def gated_checkpoint(tmp_path):
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
-    meta = {"input_shape": [3, 32, 32], "top1": 0.1, "classes": list(dataset.classes)}
+    meta = {"input_shape": [3, 32, 32], "top1": 0.1, "classes": list(dataset.classes),
+            "mean": list(dataset.mean), "std": list(dataset.std), "pruning": PDD}
     save_model(tmp_path / "gated.pt", gated, spec, meta)
     settings = slim_stage.Settings(
         common=RunConfig(seed=0, device="cpu", threads=0, distributed=ONE_PROCESS,
                          profile="smoke"),
         student_slim=SlimConfig(round_to=8, check_images=128, tolerance=1e-4))
-    paths = slim_stage.Paths(dataset=tmp_path / "prepared.npz", gated=tmp_path / "gated.pt",
-                             model=tmp_path / "slim.pt", metrics=tmp_path / "slim.json")
+    paths = slim_stage.Paths("pdd", dataset=tmp_path / "prepared.npz",
+                             pruned=tmp_path / "gated.pt", model=tmp_path / "slim.pt",
+                             metrics=tmp_path / "slim.json")
     return settings, paths
 
 
@@ -45,6 +51,7 @@ def test_slim_stage_is_exact_and_its_file_replays(gated_checkpoint):
     metrics = slim_stage.run(params, paths)
     assert metrics["rel_diff"] <= 1e-4
     assert metrics["macs_after"] < metrics["macs_before"]
+    assert metrics["method"] == "pdd" and metrics["sparsity"] == 0.0
     model = load_model(paths.model).model
     assert not any("gate" in name.lower() for name, _ in model.named_modules())
     assert sum(p.numel() for p in model.parameters()) == metrics["params_after"]
@@ -66,11 +73,42 @@ def test_a_non_exact_slimming_fails_the_stage_and_writes_nothing(gated_checkpoin
     assert not paths.model.exists() and not paths.metrics.exists()
 
 
+def test_the_weight_methods_sparse_student_passes_through_unchanged(gated_checkpoint):
+    settings, paths = gated_checkpoint
+    torch.manual_seed(0)
+    spec = {"arch": "resnet20", "num_classes": 10}
+    model = build_model(spec)
+    apply_masks(model, magnitude_masks(model, 0.6))
+    meta = {**read_checkpoint(paths.pruned)["meta"],
+            "pruning": {**PDD, "method": "weight", "structured": False}}
+    save_model(paths.pruned, model, spec, meta)
+    metrics = slim_stage.run(settings, slim_stage.Paths(
+        "weight", paths.pruned, paths.model, paths.metrics, paths.dataset))
+    assert metrics["rel_diff"] == 0.0 and metrics["macs_after"] == metrics["macs_before"]
+    assert metrics["sparsity"] == pytest.approx(sparse_cost(model).sparsity)
+    assert metrics["params_nonzero"] < metrics["params_after"]
+    passed = load_model(paths.model).model
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(passed.state_dict()[name], tensor), name
+
+
+def test_a_file_of_another_method_is_refused(gated_checkpoint):
+    settings, paths = gated_checkpoint
+    other = slim_stage.Paths("netslim", paths.pruned, paths.model, paths.metrics, paths.dataset)
+    with pytest.raises(CheckpointError, match="expected a student pruned by 'netslim'.*'pdd'"):
+        slim_stage.run(settings, other)
+    assert not paths.model.exists()
+
+
 def test_compression_table_reductions():
     metrics = {"teacher": {"top1": 0.9, "params": 850, "macs": 126},
                "student_dense": {"top1": 0.8, "params": 270, "macs": 40},
-               "student_final": {"top1": 0.82, "params": 135, "macs": 30}}
-    table = compression_table(metrics)["student_final_vs_student_dense"]
-    assert table["flops_reduction"] == pytest.approx(0.25)
-    assert table["params_reduction"] == pytest.approx(0.5)
-    assert table["top1_delta"] == pytest.approx(0.02)
+               "student_final": {"top1": 0.82, "params": 135, "macs": 30,
+                                 "params_nonzero": 100, "macs_nonzero": 20, "sparsity": 0.1}}
+    table = compression_table(metrics, "netslim")
+    reduction = table["student_final_vs_student_dense"]
+    assert table["method"] == "netslim"
+    assert reduction["flops_reduction"] == pytest.approx(0.25)
+    assert reduction["params_reduction"] == pytest.approx(0.5)
+    assert reduction["nonzero_params_reduction"] == pytest.approx(1 - 100 / 270)
+    assert reduction["top1_delta"] == pytest.approx(0.02)

@@ -9,6 +9,9 @@ Usage (the whole public surface):
     gated.kept_channels(); gated.expected_macs(); count_flips(gated, snapshot)
     slim_model, spec = pipeline.prune.slimming.slim(gated, round_to=8)
 
+Other pruning methods (pipeline/prune/<method>.py) use the same gates only to carry their
+keep decision: `gated.freeze_gates().set_keep(masks, scores)`, then the same exact slimming.
+
 Gate (seed 000, Bi-Real Net's ApproxSign): `gate = (ApproxSign(m) + 1) / 2` with logits
 `m ~ N(0, 1) * 1e-3`. Forward: ApproxSign(m) = +1 for m >= 0, -1 for m < 0 (so m == 0 gives
 gate 1: a gate that was never pushed below zero keeps its channel). Backward: ApproxSign
@@ -502,10 +505,18 @@ class GatedModel(nn.Module):
         """MACs per sample with every channel kept (as pipeline.flops.count_macs counts)."""
         return sum(layer.macs for layer in self.plan.layers)
 
-    def expected_macs(self) -> torch.Tensor:
-        """MACs per sample of the network the current gates describe; differentiable in them."""
-        vectors = self.gate_vectors()
-        total = torch.zeros((), device=self.gate_parameters()[0].device) if vectors else 0.0
+    def expected_macs(self, vectors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """MACs per sample of the network the current gates describe; differentiable in them.
+
+        `vectors` (group key -> 0/1 vector) evaluates a hypothetical keep decision instead,
+        without touching the gates: how the MACs-target search prices a candidate.
+        """
+        device = self.gate_parameters()[0].device
+        if vectors is None:
+            vectors = self.gate_vectors()
+        else:
+            vectors = {key: torch.as_tensor(v, device=device).float() for key, v in vectors.items()}
+        total = torch.zeros((), device=device) if vectors else 0.0
         for layer in self.plan.layers:
             kept_out = _kept(self.plan.out_spans, layer.name, layer.out_channels, vectors)
             if layer.depthwise:
@@ -523,6 +534,49 @@ class GatedModel(nn.Module):
         return {"groups": {key: {"kept": kept[key], "width": widths[key]} for key in widths},
                 "expected_macs": expected, "full_macs": self.full_macs,
                 "macs_fraction": expected / self.full_macs}
+
+    @torch.no_grad()
+    def set_keep(self, masks: dict[str, torch.Tensor],
+                 scores: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a keep decision (group key -> bool mask, True = keep) into the gate logits.
+
+        Kept channels get logit +1; pruned ones a logit in (-1, -0.51), ordered by `scores` when
+        given (the best pruned channel gets the largest), so that `slim(round_to=N)`, which
+        rounds a group up by its largest closed logits, would re-add the most salient ones.
+        Methods other than PDD decide with their own scores and call this once: their gates
+        must never reach an optimizer (`freeze_gates`).
+        """
+        if set(masks) != set(self.group_keys):
+            raise ModelError(f"keep decision covers groups {sorted(masks)}, the model has "
+                             f"{sorted(self.group_keys)}")
+        for key, mask in masks.items():
+            logits = self.gate(key).logits
+            mask = torch.as_tensor(mask, dtype=torch.bool).cpu()
+            if mask.shape != logits.shape or not mask.any():
+                raise ModelError(f"group {key!r}: a keep mask needs {logits.numel()} entries and "
+                                 f"at least one kept channel, got {int(mask.sum())} of "
+                                 f"{mask.numel()}")
+            value = torch.where(mask, 1.0, -1.0)
+            closed = (~mask).nonzero().flatten()
+            if scores is not None and len(closed):
+                order = torch.argsort(scores[key].detach().float().cpu()[closed], stable=True)
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(len(order))
+                value[closed] = -1.0 + 0.49 * (rank.float() + 1) / (len(closed) + 1)
+            logits.copy_(value.to(logits.device, logits.dtype))
+
+    def freeze_gates(self) -> "GatedModel":
+        """Take the gate logits out of training (requires_grad off): the keep decision is made
+        by a method's own scores, not by gradient descent on the gates."""
+        for logits in self.gate_parameters():
+            logits.requires_grad_(False)
+        return self
+
+    def open_all(self) -> "GatedModel":
+        """Keep every channel (all logits +1), e.g. before a method decides."""
+        self.set_keep({key: torch.ones(width, dtype=torch.bool)
+                       for key, width in self.group_widths().items()})
+        return self
 
     def gate_states(self) -> dict[str, torch.Tensor]:
         """A snapshot of every gate (boolean, on the CPU), for `count_flips`."""
