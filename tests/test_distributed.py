@@ -519,3 +519,52 @@ def test_processes_share_the_cores_unless_threads_are_set():
     assert distributed.threads_per_process(3, two) == 3
     assert distributed.threads_per_process(0, distributed.DistEnv()) == 0  # torch's default
     assert distributed.threads_per_process(0, two) >= 1
+
+
+# --------------------------------------------------------------------------- method statistics
+def _meter_model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model({"arch": "resnet20", "num_classes": 4, "base_width": 4})
+
+
+def _meter_gated():
+    return attach_gates(_meter_model(), torch.zeros(1, 3, 32, 32),
+                        generator=torch.Generator().manual_seed(2))
+
+
+def _meter_images() -> torch.Tensor:
+    return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _activation_scores_of_halves(env, out: Path) -> None:
+    """Each process records KDDP's activation statistics on its half of the images."""
+    from pipeline.prune.saliency import ActivationMeter
+
+    gated = _meter_gated()
+    meter = ActivationMeter(gated)
+    gated.train()
+    images = _meter_images()[4 * env.rank: 4 * env.rank + 4]
+    for chunk in images.split(2):  # two batches per process, as a sharded epoch would give
+        gated(chunk).sum().backward()
+    scores = meter.scores()
+    torch.save(scores, out / f"scores_{env.rank}.pt")
+
+
+@pytest.mark.slow
+def test_activation_statistics_are_summed_over_the_processes(tmp_path):
+    """KDDP closes channels from activations each process measures on its own shard: every
+    process must get the statistics of all the images, or their models would differ."""
+    from pipeline.prune.saliency import ActivationMeter
+
+    run_processes(_activation_scores_of_halves, tmp_path)
+    ranks = [torch.load(tmp_path / f"scores_{r}.pt", weights_only=True) for r in (0, 1)]
+    gated = _meter_gated()
+    meter = ActivationMeter(gated)
+    gated.train()
+    for chunk in _meter_images().split(2):
+        gated(chunk).sum().backward()
+    whole = meter.scores()
+    assert set(ranks[0]) == set(ranks[1]) == set(whole)
+    for key, value in whole.items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0)

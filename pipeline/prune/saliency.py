@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.distributed import sum_over_processes
 from pipeline.prune.budget import Scores
 from pipeline.prune.gates import GatedModel, module_in_width
 
@@ -116,7 +117,10 @@ class ActivationMeter:
         widths = self.gated.group_widths()
         rows: dict[str, list[torch.Tensor]] = {key: [] for key in widths}
         for site, total in self._sums.items():
-            mean = (total / self._calls[site]).float().cpu()
+            # Summed over the training processes: each saw its own shard, and every process must
+            # take the same keep decision (one process: the numbers as they are).
+            calls = sum_over_processes(torch.tensor(float(self._calls[site])))
+            mean = (sum_over_processes(total) / calls).float().cpu()
             assert mean.numel() == module_in_width(self.gated.model.get_submodule(site))
             for span in self.gated.plan.in_spans[site]:
                 row = torch.full((widths[span.group],), float("nan"))
