@@ -33,7 +33,6 @@ def small_params(folder: Path, **distributed) -> None:
     raw["common"]["threads"] = 1
     raw["common"]["distributed"].update(distributed)
     smoke = raw["profiles"]["smoke"]
-    raw["prune"]["methods"] = smoke["prune"]["methods"]  # dvc.yaml reads it as written
     smoke["data"].update(synthetic_train=256, synthetic_test=64)
     smoke["teacher"].update(arch="resnet20", epochs=EPOCHS, batch_size=32)
     YAML(typ="safe").dump(raw, folder / "params.yaml")

@@ -55,8 +55,8 @@ def smoke_repo(tmp_path_factory) -> Path:
         subprocess.run(["git", *command], cwd=workdir, check=True, capture_output=True)
     # The documented profile switch: DVC rewrites params.yaml (YAML 1.2, quotes dropped where
     # not needed, e.g. amp: "off" -> amp: off) and the stages must read what DVC wrote.
-    # prune.methods is named too: dvc.yaml builds one chain per method from the value written in
-    # the file, so a profile cannot change it (validate_params says so, with this command).
+    # All six methods (the file lists two): dvc.yaml builds one chain per method from the value
+    # written in the file, so the method list is set as DVC reads it, with the same command.
     first = dvc(workdir, "exp", "run", "-S", "profile=smoke",
                 "-S", f"prune.methods=[{','.join(METHODS)}]")
     assert first.returncode == 0, first.stdout + first.stderr
