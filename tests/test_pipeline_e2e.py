@@ -246,8 +246,6 @@ def stages_run(result: subprocess.CompletedProcess) -> set[str]:
 
 @pytest.mark.parametrize(("module", "expected"), [
     ("pipeline/report.py", {"report"}),
-    # a method's module reaches its own chain only (through resolved/methods/<m>.code)
-    ("pipeline/prune/netslim.py", {"validate_params", "student_pruned@netslim"}),
     # validate_params imports every target to validate its settings (it re-runs in seconds) and
     # writes each target's code hash, which only the benchmark of that target depends on.
     # The engine stages of ssh-tensorrt depend on its code hash the same way.
@@ -268,6 +266,29 @@ def test_a_code_edit_reruns_only_the_stages_that_run_it(smoke_repo, module, expe
         restored = dvc(smoke_repo, "repro")
     assert edited.returncode == 0 and restored.returncode == 0, edited.stderr + restored.stderr
     assert stages_run(edited) == expected
+
+
+# What consumes every model: the benchmarks, the engine stages and the report.
+EVERY_MODELS_STAGES = re.compile(r"(benchmark|engine)@.+|report")
+
+
+def test_a_method_edit_reruns_that_methods_chain_only(smoke_repo):
+    """A method's module reaches its own chain (through resolved/methods/<m>.code) and what
+    measures every model; never the teacher, the dense student or another method."""
+    path = smoke_repo / "pipeline" / "prune" / "netslim.py"
+    original = path.read_text()
+    path.write_text(original + "# an edit\n")
+    try:
+        edited = dvc(smoke_repo, "repro")
+    finally:
+        path.write_text(original)
+        restored = dvc(smoke_repo, "repro")
+    assert edited.returncode == 0 and restored.returncode == 0, edited.stderr + restored.stderr
+    ran = stages_run(edited)
+    assert {"validate_params", "student_pruned@netslim"} <= ran
+    others = {stage for stage in ran if stage != "validate_params"
+              and not stage.endswith("@netslim") and not EVERY_MODELS_STAGES.fullmatch(stage)}
+    assert not others, others
 
 
 def set_param(path: Path, keys: tuple, value) -> None:
