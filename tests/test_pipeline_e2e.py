@@ -33,6 +33,14 @@ def dvc(workdir: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=3600)
 
 
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
+
+
+# What consumes every model: the benchmarks, the engine stages and the report.
+EVERY_MODELS_STAGES = re.compile(r"(benchmark|engine)@.+|report")
+
+
 def snapshot(workdir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(workdir)): p.read_bytes()
             for d in OUTPUT_DIRS for p in sorted((workdir / d).rglob("*")) if p.is_file()}
@@ -55,12 +63,26 @@ def smoke_repo(tmp_path_factory) -> Path:
         subprocess.run(["git", *command], cwd=workdir, check=True, capture_output=True)
     # The documented profile switch: DVC rewrites params.yaml (YAML 1.2, quotes dropped where
     # not needed, e.g. amp: "off" -> amp: off) and the stages must read what DVC wrote.
-    # All six methods (the file lists two): dvc.yaml builds one chain per method from the value
-    # written in the file, so the method list is set as DVC reads it, with the same command.
-    first = dvc(workdir, "exp", "run", "-S", "profile=smoke",
-                "-S", f"prune.methods=[{','.join(METHODS)}]")
+    first = dvc(workdir, "exp", "run", "-S", "profile=smoke")
     assert first.returncode == 0, first.stdout + first.stderr
+    # Then all six methods (the file lists two), set where dvc.yaml reads the list: only the
+    # new methods' chains run, and what measures every model.
+    second = dvc(workdir, "exp", "run", "-S", f"prune.methods=[{','.join(METHODS)}]")
+    assert second.returncode == 0, second.stdout + second.stderr
+    (workdir / "stages_run.json").write_text(json.dumps(
+        {"first": sorted(stages_run(first)), "second": sorted(stages_run(second))}))
     return workdir
+
+
+def test_adding_methods_runs_their_chains_and_nothing_else_again(smoke_repo):
+    ran = json.loads((smoke_repo / "stages_run.json").read_text())
+    written = ("pdd", "netslim")  # params.yaml's prune.methods
+    assert {f"student_pruned@{m}" for m in written} <= set(ran["first"])
+    added = [m for m in METHODS if m not in written]
+    assert {f"student_final@{m}" for m in added} <= set(ran["second"])
+    again = [stage for stage in ran["second"] if stage in ran["first"] and stage
+             != "validate_params" and not EVERY_MODELS_STAGES.fullmatch(stage)]
+    assert not again, again
 
 
 def test_the_documented_profile_switch_runs_from_a_clean_workspace(smoke_repo):
@@ -240,10 +262,6 @@ def test_second_repro_does_nothing_and_says_so(smoke_repo):
     assert snapshot(smoke_repo) == before
 
 
-def stages_run(result: subprocess.CompletedProcess) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
-
-
 @pytest.mark.parametrize(("module", "expected"), [
     ("pipeline/report.py", {"report"}),
     # validate_params imports every target to validate its settings (it re-runs in seconds) and
@@ -266,10 +284,6 @@ def test_a_code_edit_reruns_only_the_stages_that_run_it(smoke_repo, module, expe
         restored = dvc(smoke_repo, "repro")
     assert edited.returncode == 0 and restored.returncode == 0, edited.stderr + restored.stderr
     assert stages_run(edited) == expected
-
-
-# What consumes every model: the benchmarks, the engine stages and the report.
-EVERY_MODELS_STAGES = re.compile(r"(benchmark|engine)@.+|report")
 
 
 def test_a_method_edit_reruns_that_methods_chain_only(smoke_repo):
