@@ -1,6 +1,7 @@
 """Model cards: contents, embedding in metadata_props, and the verified loader's refusals."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,4 +204,25 @@ def test_a_card_hashes_the_files_that_belong_to_its_file(source, tmp_path):
         verified_card(xml)
     weights.unlink()
     with pytest.raises(ArtifactIntegrityError, match=r"m.fp32.bin: file not found \(its card"):
+        verified_card(xml)
+
+
+@pytest.mark.parametrize("name", ["../secret.bin", "/etc/hostname", "..", "link.bin", 7])
+def test_a_card_cannot_point_a_sidecar_outside_its_folder(source, tmp_path, name):
+    """The card is input too: a sidecar name that climbs out, is absolute, is a symbolic link
+    or is not a name at all is refused, naming the sidecar, before anything reads it."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"secret")
+    (folder / "link.bin").symlink_to(tmp_path / "secret.bin")
+    xml = folder / "m.fp32.xml"
+    xml.write_text("<net/>")
+    card = make_card(source, "fp32", 18, {}, {})
+    write_card(xml, card)
+    written = json.loads(card_path(xml).read_text())
+    written["sidecars"] = [{"file": name, "sha256": file_sha256(tmp_path / "secret.bin"),
+                            "size_bytes": 6}]
+    card_path(xml).write_text(json.dumps(written))
+    with pytest.raises(ArtifactIntegrityError, match=rf"sidecar {re.escape(repr(name))}, which "
+                                                     r"(is not a plain file name|is a symbolic)"):
         verified_card(xml)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import onnx
@@ -32,6 +32,7 @@ from pipeline.export.onnx_export import (
     BATCH_DIM,
     INPUT_NAME,
     OUTPUT_NAME,
+    confined_file,
     external_data_locations,
 )
 from pipeline.io import file_sha256, write_json
@@ -186,8 +187,13 @@ def verified_card(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     card = read_card(card_path(path))
     _check_hash(path, card["sha256"], card_path(path))
-    for sidecar in card.get("sidecars", []):
-        _check_hash(path.with_name(sidecar["file"]), sidecar["sha256"], card_path(path))
+    for sidecar in card.get("sidecars", []):  # the card is input too: its names are confined
+        name = sidecar.get("file") if isinstance(sidecar, dict) else None
+        plain = isinstance(name, str) and name not in ("", ".", "..") \
+            and PurePosixPath(name).name == name
+        file = path.parent / name if plain and not os.path.lexists(path.parent / name) else \
+            confined_file(path, name, f"{card_path(path)}: sidecar {name!r}, which", "a sidecar")
+        _check_hash(file, sidecar["sha256"], card_path(path))  # a missing one: "not found"
     return card
 
 

@@ -221,16 +221,17 @@ def _read_proto(path: Path) -> onnx.ModelProto:
                                      f"({type(err).__name__}: {err})") from err
 
 
-def _confined_file(model: Path, tensor: str, location: str) -> Path:
-    """The file `location` names, if it is a regular file of its own in the model's folder."""
-    folder = model.parent
-    where = f"{model}: tensor {tensor!r} names external data {location!r}, which"
-    allowed = (f"an external-data location must be the plain name of a regular file in the "
-               f"model's own folder ({folder})")
-    if (not location or location in (".", "..") or PurePosixPath(location).name != location
-            or "\\" in location or "\0" in location):
+def confined_file(owner: Path, name: str, where: str, kind: str) -> Path:
+    """The file `name` names, if it is a regular file of its own in the folder of `owner` (the
+    model file that names it); else ArtifactIntegrityError starting with `where` and saying what
+    `kind` of name must be. Shared by ONNX external data and the files a card lists."""
+    folder = owner.parent
+    allowed = (f"{kind} must be the plain name of a regular file in the model's own folder "
+               f"({folder})")
+    if (not isinstance(name, str) or not name or name in (".", "..")
+            or PurePosixPath(name).name != name or "\\" in name or "\0" in name):
         raise ArtifactIntegrityError(f"{where} is not a plain file name; {allowed}")
-    path = folder / location
+    path = folder / name
     try:
         mode = path.lstat().st_mode
     except OSError as err:
@@ -255,7 +256,8 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     model = Path(path)
     files: list[Path] = []
     for tensor, location in external_data_locations(_read_proto(model)):
-        file = _confined_file(model, tensor, location)
+        file = confined_file(model, location, f"{model}: tensor {tensor!r} names external data "
+                             f"{location!r}, which", "an external-data location")
         if file not in files:
             files.append(file)
     return files
