@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage_settings import ONE_PROCESS
 
 import stages.export_executorch as stage
 from pipeline.checkpoint import save_model
 from pipeline.config import (
     BenchmarkConfig,
-    DistributedConfig,
     ExportConfig,
     ParityTolerance,
     QuantizeConfig,
@@ -31,9 +31,6 @@ EXECUTORCH = ExecuTorchSettings(threads=1)
 needs_executorch = pytest.mark.skipif(not ExecuTorchXnnpackTarget(EXECUTORCH).available()[0],
                                       reason=ExecuTorchXnnpackTarget(EXECUTORCH).available()[1])
 
-
-ONE_PROCESS = DistributedConfig(nproc_per_node=1, nnodes=1, rdzv_endpoint="", sync_batchnorm=True,
-                                max_restarts=0, timeout_s=600)
 
 def settings(batch_sizes=(1, 4), **export_overrides) -> stage.Settings:
     export = dict(

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage_settings import ONE_PROCESS
 
 import stages.export as export_stage
 import stages.export_openvino as stage
 from pipeline.checkpoint import save_model
 from pipeline.config import (
-    DistributedConfig,
     ExportConfig,
     ParityTolerance,
     QuantizeConfig,
@@ -33,9 +33,6 @@ OPENVINO = OpenVinoSettings(threads=1)
 needs_openvino = pytest.mark.skipif(not OpenVinoCpuTarget(OPENVINO).available()[0],
                                     reason=OpenVinoCpuTarget(OPENVINO).available()[1])
 
-
-ONE_PROCESS = DistributedConfig(nproc_per_node=1, nnodes=1, rdzv_endpoint="", sync_batchnorm=True,
-                                max_restarts=0, timeout_s=600)
 
 def export_config(**overrides) -> ExportConfig:
     values = dict(

@@ -3,9 +3,10 @@ is the unpruned student (its prune stage's gated model with every gate open)."""
 
 import pytest
 import torch
+from stage_settings import ONE_PROCESS
 
 from pipeline.checkpoint import load_model, save_model
-from pipeline.config import DistillConfig, DistributedConfig, RunConfig, TrainConfig
+from pipeline.config import DistillConfig, RunConfig, TrainConfig
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import CheckpointError
 from pipeline.flops import sparse_cost
@@ -16,8 +17,6 @@ from stages import student_final as final_stage
 from stages._common import TrainingPaths
 
 SPEC = {"arch": "resnet20", "num_classes": 10, "base_width": 4}
-ONE_PROCESS = DistributedConfig(nproc_per_node=1, nnodes=1, rdzv_endpoint="", sync_batchnorm=True,
-                                max_restarts=0, timeout_s=600)
 
 
 def settings() -> final_stage.Settings:

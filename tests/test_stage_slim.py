@@ -4,9 +4,10 @@ the `weight` method's sparse student passes through unchanged."""
 
 import pytest
 import torch
+from stage_settings import ONE_PROCESS
 
 from pipeline.checkpoint import load_model, read_checkpoint, save_model
-from pipeline.config import DistributedConfig, RunConfig, SlimConfig
+from pipeline.config import RunConfig, SlimConfig
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import CheckpointError, ParityError
 from pipeline.flops import sparse_cost
@@ -16,8 +17,6 @@ from pipeline.prune.sparse import apply_masks, magnitude_masks
 from stages import student_slim as slim_stage
 from stages.compression import compression_table
 
-ONE_PROCESS = DistributedConfig(nproc_per_node=1, nnodes=1, rdzv_endpoint="", sync_batchnorm=True,
-                                max_restarts=0, timeout_s=600)
 PDD = {"method": "pdd", "structured": True, "target_macs": None, "recovery_teacher": "teacher"}
 
 
