@@ -118,7 +118,9 @@ class TrainConfig:
     gamma: Annotated[float, Field(gt=0, le=1)]  # multistep: decay factor
     warmup_epochs: NonNegativeInt  # linear warm-up from lr/10 to lr over these epochs
     label_smoothing: UnitFloat  # cross-entropy label smoothing
-    amp: Literal["off", "bf16", "fp16"]  # autocast precision; applies on CUDA only
+    # autocast precision: bf16 on CUDA and on CPUs with native bf16 (else fp32, logged); fp16 on
+    # CUDA only; auto = bf16 where native, else off
+    amp: Literal["off", "bf16", "fp16", "auto"]
     channels_last: bool  # NHWC memory format (faster convolutions on CUDA and on oneDNN CPUs)
 
     @model_validator(mode="after")
@@ -165,6 +167,9 @@ class DistillConfig:
     student_arch: Architecture  # student architecture (zoo name) of every student stage
     temperature: PositiveFloat  # softmax temperature T of the KD term (reference: 3)
     alpha: Annotated[float, Field(ge=0, le=1)]  # weight of the KD term (reference: 0.6)
+    # what runs the frozen teacher's forward pass: auto = ONNX Runtime when a student trains in
+    # fp32 on a CPU, else PyTorch | torch | onnxruntime (CPU only)
+    teacher_runtime: Literal["auto", "torch", "onnxruntime"]
 
     @field_validator("student_arch")
     @classmethod

@@ -71,6 +71,8 @@ class FrozenTeacher(nn.Module):
     cannot be saved for the student's backward pass, which the KD loss needs.
     """
 
+    runtime = "torch"  # what runs the forward pass (pipeline.teacher_onnx: "onnxruntime")
+
     def __init__(self, teacher: nn.Module) -> None:
         super().__init__()
         self.teacher = teacher.eval()

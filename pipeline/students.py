@@ -6,19 +6,45 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import load_model, read_checkpoint
-from pipeline.config import DistillConfig
+from pipeline.config import DistillConfig, TrainConfig
 from pipeline.distill import DistillationLoss, FrozenTeacher
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import build_model
 from pipeline.prune.gates import GatedModel, attach_gates
-from pipeline.training import LossFn
+from pipeline.training import LossFn, effective_amp
 
 
-def load_teacher(path, device: torch.device, channels_last: bool) -> FrozenTeacher:
-    teacher = load_model(path, device).model
-    if channels_last:
-        teacher = teacher.to(memory_format=torch.channels_last)
-    return FrozenTeacher(teacher)
+def teacher_runtime(requested: str, device: torch.device, amp: str) -> str:
+    """What runs the frozen teacher's forward pass: `auto` is ONNX Runtime when the student
+    trains in fp32 on a CPU (faster there, benchmarks/train_paths.py), else PyTorch (on CUDA,
+    and under bf16 autocast, which runs the teacher in bf16 too)."""
+    if requested == "onnxruntime" and device.type != "cpu":
+        raise ConfigError(f"distill.teacher_runtime=onnxruntime runs on the CPU, but training "
+                          f"runs on {device}; use auto or torch")
+    if requested != "auto":
+        return requested
+    return "onnxruntime" if device.type == "cpu" and amp == "off" else "torch"
+
+
+def freeze_teacher(model: nn.Module, device: torch.device, cfg: TrainConfig, runtime: str,
+                   input_shape: tuple[int, ...]) -> FrozenTeacher:
+    """`model` as the frozen teacher of a KD run with schedule `cfg` (its memory format and
+    precision decide), its forward pass in the runtime `runtime` resolves to."""
+    model = model.to(device).eval()
+    if teacher_runtime(runtime, device, effective_amp(device, cfg.amp)) == "onnxruntime":
+        from pipeline.teacher_onnx import OnnxRuntimeTeacher  # exports: only when chosen
+
+        return OnnxRuntimeTeacher(model, input_shape, threads=torch.get_num_threads())
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return FrozenTeacher(model)
+
+
+def load_teacher(path, device: torch.device, cfg: TrainConfig,
+                 distill: DistillConfig) -> FrozenTeacher:
+    loaded = load_model(path, device)
+    return freeze_teacher(loaded.model, device, cfg, distill.teacher_runtime,
+                          tuple(loaded.meta["input_shape"]))
 
 
 def distillation_loss_fn(teacher: FrozenTeacher, cfg: DistillConfig, label_smoothing: float,

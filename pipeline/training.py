@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from pipeline import distributed
+from pipeline import cpu, distributed
 from pipeline.checkpoint import atomic_save
 from pipeline.config import TrainConfig
 from pipeline.data import BatchLoader
@@ -93,10 +93,25 @@ def _autocast(device: torch.device, amp: str):
 
 
 def effective_amp(device: torch.device, requested: str) -> str:
-    if requested != "off" and device.type != "cuda":
-        log.warning("amp=%s applies on CUDA only; training on %s in fp32", requested, device)
+    """The autocast precision training really uses on `device` for the requested `amp`.
+
+    bf16 runs where the hardware computes it natively: CUDA GPUs that support it, CPUs with
+    AVX512_BF16 or AMX (pipeline.cpu); elsewhere bf16 is emulated and slower than fp32, so
+    training stays in fp32 and says so. fp16 is CUDA only. `auto` picks bf16 where native.
+    """
+    if requested == "off":
         return "off"
-    return requested
+    if device.type == "cuda":
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "off"
+        return requested
+    if requested in ("auto", "bf16") and cpu.native_bf16():
+        return "bf16"
+    if requested != "auto":
+        log.warning("amp=%s needs %s; training on %s in fp32", requested,
+                    "CUDA" if requested == "fp16" else "native bf16 (AVX512_BF16 or AMX)",
+                    device)
+    return "off"
 
 
 @torch.no_grad()

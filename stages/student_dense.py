@@ -37,16 +37,17 @@ def run(settings: Settings, paths: TrainingPaths) -> dict:
     model = build_model(spec)
     cost = cost_of(model, ctx)
     model = prepare_model(model, cfg, ctx.device)
-    teacher = load_teacher(paths.teacher, ctx.device, cfg.channels_last)
+    teacher = load_teacher(paths.teacher, ctx.device, cfg, settings.distill)
     train_loader, test_loader = ctx.loaders(cfg, seed)
     result = fit(model, TrainingRun(
         cfg=cfg, train_loader=train_loader, test_loader=test_loader,
         loss_fn=distillation_loss_fn(teacher, settings.distill, cfg.label_smoothing),
         checkpoint_path=paths.checkpoint,
-        fingerprint=ctx.fingerprint(cfg, spec, seed, settings.distill,
+        fingerprint=ctx.fingerprint(cfg, spec, seed, settings.distill, teacher.runtime,
                                     file_sha256(paths.teacher)),
         title="student_dense"))
-    metrics = {**training_metrics(result, cfg, ctx, settings.common), "arch": spec["arch"],
+    metrics = {**training_metrics(result, cfg, ctx, settings.common),
+               "teacher_runtime": teacher.runtime, "arch": spec["arch"],
                "params": cost.params, "macs": cost.macs}
     save_model(paths.model, model, spec, ctx.model_meta(cost, metrics["top1"]))
     write_curves_and_metrics(result, paths.plots, paths.metrics, metrics)

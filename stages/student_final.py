@@ -13,8 +13,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from pipeline.checkpoint import load_model, save_model
 from pipeline.config import DistillConfig, RunConfig, TrainConfig
 from pipeline.distill import FrozenTeacher
@@ -22,7 +20,7 @@ from pipeline.errors import CheckpointError
 from pipeline.flops import sparse_cost
 from pipeline.io import file_sha256
 from pipeline.prune.sparse import ZeroKeeper
-from pipeline.students import distillation_loss_fn, load_gated, load_teacher
+from pipeline.students import distillation_loss_fn, freeze_teacher, load_gated, load_teacher
 from pipeline.training import TrainingRun, evaluate, fit, prepare_model
 from stages._cli import RESOLVED, load_settings, run_main
 from stages._common import (
@@ -51,16 +49,15 @@ def unpruned_path(method: str) -> Path:
 
 
 def recovery_teacher(pruning: dict, method: str, paths: TrainingPaths, device,
-                     channels_last: bool) -> tuple[FrozenTeacher, Path]:
+                     cfg: TrainConfig, distill: DistillConfig) -> tuple[FrozenTeacher, Path]:
     """The teacher the fine-tuning distils from, and the file it came from."""
     if pruning.get("recovery_teacher", "teacher") == "teacher":
-        return load_teacher(paths.teacher, device, channels_last), paths.teacher
+        return load_teacher(paths.teacher, device, cfg, distill), paths.teacher
     source = unpruned_path(method)
-    gated, _, _ = load_gated(source, device)
+    gated, _, meta = load_gated(source, device)
     unpruned = gated.plain_copy()  # every gate open: the trained network before pruning
-    if channels_last:
-        unpruned = unpruned.to(memory_format=torch.channels_last)
-    return FrozenTeacher(unpruned), source
+    return freeze_teacher(unpruned, device, cfg, distill.teacher_runtime,
+                          tuple(meta["input_shape"])), source
 
 
 def run(settings: Settings, method: str, paths: TrainingPaths) -> dict:
@@ -74,15 +71,16 @@ def run(settings: Settings, method: str, paths: TrainingPaths) -> dict:
     model = prepare_model(loaded.model, cfg, ctx.device)
     cost = cost_of(model, ctx)
     keeper = None if pruning.get("structured", True) else ZeroKeeper(model)
-    teacher, teacher_file = recovery_teacher(pruning, method, paths, ctx.device,
-                                             cfg.channels_last)
+    teacher, teacher_file = recovery_teacher(pruning, method, paths, ctx.device, cfg,
+                                             settings.distill)
     train_loader, test_loader = ctx.loaders(cfg, seed)
     top1_before = evaluate(model, test_loader)["top1"]
     result = fit(model, TrainingRun(
         cfg=cfg, train_loader=train_loader, test_loader=test_loader,
         loss_fn=distillation_loss_fn(teacher, settings.distill, cfg.label_smoothing),
         checkpoint_path=paths.checkpoint,
-        fingerprint=ctx.fingerprint(cfg, seed, settings.distill, file_sha256(teacher_file),
+        fingerprint=ctx.fingerprint(cfg, seed, settings.distill, teacher.runtime,
+                                    file_sha256(teacher_file),
                                     file_sha256(paths.start)),
         title=f"finetune {method}"))
     if keeper is not None:
@@ -90,6 +88,7 @@ def run(settings: Settings, method: str, paths: TrainingPaths) -> dict:
         keeper.remove()
     sparse = sparse_cost(model, ctx.input_shape)
     metrics = {**training_metrics(result, cfg, ctx, settings.common), "method": method,
+               "teacher_runtime": teacher.runtime,
                "top1_before_finetune": top1_before, "arch": loaded.spec["arch"],
                "params": cost.params, "macs": cost.macs, "params_nonzero": sparse.params_nonzero,
                "macs_nonzero": sparse.macs_nonzero, "sparsity": sparse.sparsity,

@@ -122,7 +122,7 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
     student = build_model(spec)  # first, right after seeding: every method starts alike
     cost_before = cost_of(student, ctx)
     student = prepare_model(student, cfg, ctx.device)
-    teacher = load_teacher(paths.teacher, ctx.device, cfg.channels_last)
+    teacher = load_teacher(paths.teacher, ctx.device, cfg, settings.distill)
     train_loader, test_loader = ctx.loaders(cfg, seed)
     pruner = make_method(method.name, method.settings)
     job = PruneJob(
@@ -130,12 +130,14 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
         target_macs=method.budget.target_macs, round_to=method.budget.round_to, seed=seed,
         train_loader=train_loader, test_loader=test_loader, example_input=ctx.example_input(),
         checkpoint=paths.checkpoint, title=method.name,
-        fingerprint=ctx.fingerprint(cfg, spec, seed, settings.distill, file_sha256(paths.teacher),
+        fingerprint=ctx.fingerprint(cfg, spec, seed, settings.distill, teacher.runtime,
+                                    file_sha256(paths.teacher),
                                     method.name, as_dict(method.budget), as_dict(method.settings),
                                     code_hash(method_module(method.name))))
     outcome = pruner.prune(job)
     trained = training_metrics(outcome.result, cfg, ctx, settings.common)
-    metrics = {**trained, "top1_trained": trained["top1"], "method": method.name,
+    metrics = {**trained, "teacher_runtime": teacher.runtime, "top1_trained": trained["top1"],
+               "method": method.name,
                "arch": spec["arch"], "params_before": cost_before.params,
                "macs_before": cost_before.macs,
                **decision_metrics(outcome, pruner.structured, ctx, test_loader)}

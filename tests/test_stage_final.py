@@ -27,7 +27,7 @@ def settings() -> final_stage.Settings:
     return final_stage.Settings(common=RunConfig(seed=0, device="cpu", threads=0,
                                                  distributed=ONE_PROCESS, profile="smoke"),
                                 distill=DistillConfig(student_arch="resnet20", temperature=3.0,
-                                                      alpha=0.6),
+                                                      alpha=0.6, teacher_runtime="torch"),
                                 student_final=schedule)
 
 
@@ -70,7 +70,8 @@ def test_the_unpruned_student_can_be_the_recovery_teacher(tmp_path, monkeypatch)
     pruning = {"method": "prune_then_kd", "recovery_teacher": "unpruned"}
     paths = workspace(tmp_path, "prune_then_kd", pruning, build_model(SPEC))
     teacher, source = final_stage.recovery_teacher(pruning, "prune_then_kd", paths,
-                                                   torch.device("cpu"), channels_last=False)
+                                                   torch.device("cpu"), settings().student_final,
+                                                   settings().distill)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(teacher(images), gated.plain_copy().eval()(images))

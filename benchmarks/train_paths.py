@@ -1,0 +1,217 @@
+"""Training throughput of the stages' real code paths on this machine: today's path vs faster ones.
+
+Three workloads, each run through the project's own training code (`pipeline.training.fit`, the
+stages' loaders, loss functions and teacher wrappers), on CIFAR-sized images:
+
+    teacher  ResNet56 trained with cross-entropy              (stage teacher)
+    kd       ResNet20 trained by KD from a frozen ResNet56    (student_dense, student_final)
+    pdd      gated ResNet20 trained by PDD from the teacher   (student_pruned@pdd)
+
+A path is (autocast precision, memory format, what runs the teacher's forward). `today` is the
+code path before the speed work (fp32, channels_last, teacher in PyTorch eager). Each
+measurement trains 2 epochs of `--images` images and times the second (the first warms up
+oneDNN/ONNX Runtime); repeats cycle through all paths so that machine noise hits them alike.
+The result file records medians, ratios to `today`, the samples, the CPU, its ISA flags and
+caps, threads and package versions.
+
+    python benchmarks/train_paths.py --out benchmarks/results/train_paths_<host>.json
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pipeline import cpu, provenance
+from pipeline.config import DistillConfig, PddConfig, TrainConfig
+from pipeline.data import balanced_subset, load_cifar, make_synthetic
+from pipeline.models import build_model
+from pipeline.prune.method import PruneJob
+from pipeline.prune.pdd import Method as Pdd
+from pipeline.students import distillation_loss_fn, freeze_teacher
+from pipeline.training import TrainingRun, cross_entropy_loss, fit, make_loaders, prepare_model
+
+INPUT_SHAPE = (3, 32, 32)
+TODAY = "today"
+
+
+@dataclass(frozen=True)
+class Path_:
+    """One way to run a training step."""
+
+    name: str
+    amp: str  # autocast precision requested (effective_amp decides what runs)
+    channels_last: bool
+    teacher_runtime: str  # torch | onnxruntime
+
+
+PATHS = (
+    Path_(TODAY, "off", True, "torch"),
+    Path_("onnxruntime-teacher", "off", True, "onnxruntime"),
+    Path_("channels-first", "off", False, "torch"),
+    Path_("bf16", "bf16", True, "torch"),
+    Path_("bf16+onnxruntime-teacher", "bf16", True, "onnxruntime"),
+)
+WORKLOAD_PATHS = {  # the teacher trains alone: its path has no teacher runtime to vary
+    "teacher": (TODAY, "channels-first", "bf16"),
+    "kd": tuple(p.name for p in PATHS),
+    "pdd": (TODAY, "onnxruntime-teacher", "bf16"),
+}
+
+
+def schedule(batch_size: int, path: Path_) -> TrainConfig:
+    return TrainConfig(epochs=2, batch_size=batch_size, eval_batch_size=500, lr=0.05,
+                       momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
+                       milestones=(), gamma=0.1, warmup_epochs=0, label_smoothing=0.0,
+                       amp=path.amp, channels_last=path.channels_last)
+
+
+class Bench:
+    def __init__(self, dataset, teacher_state: dict | None, batch_size: int, workdir: Path):
+        self.dataset, self.batch_size, self.workdir = dataset, batch_size, workdir
+        self.device = torch.device("cpu")
+        self.teacher_model = build_model({"arch": "resnet56", "num_classes": 10})
+        if teacher_state is not None:
+            self.teacher_model.load_state_dict(teacher_state)
+        self.teachers = {}  # (runtime, channels_last, amp) -> FrozenTeacher, built once
+        self.distill = DistillConfig(student_arch="resnet20", temperature=3.0, alpha=0.6,
+                                     teacher_runtime="torch")
+        self.count = 0
+
+    def teacher(self, cfg: TrainConfig, path: Path_):
+        key = (path.teacher_runtime, cfg.channels_last, cfg.amp)
+        if key not in self.teachers:
+            model = build_model({"arch": "resnet56", "num_classes": 10})
+            model.load_state_dict(self.teacher_model.state_dict())
+            self.teachers[key] = freeze_teacher(model, self.device, cfg, path.teacher_runtime,
+                                                INPUT_SHAPE)
+        return self.teachers[key]
+
+    def _run(self, cfg: TrainConfig, model, loss_fn, title: str) -> float:
+        train, test = make_loaders(self.dataset, cfg, self.device, seed=0)
+        self.count += 1
+        checkpoint = self.workdir / f"{self.count}.pt"
+        result = fit(model, TrainingRun(cfg=cfg, train_loader=train, test_loader=test,
+                                        loss_fn=loss_fn, checkpoint_path=checkpoint,
+                                        fingerprint=str(self.count), title=title))
+        checkpoint.unlink()
+        return second_epoch_rate(result.history, len(train) * cfg.batch_size)
+
+    def measure(self, workload: str, path: Path_) -> float:
+        cfg = schedule(self.batch_size, path)
+        torch.manual_seed(0)
+        if workload == "teacher":
+            model = prepare_model(build_model({"arch": "resnet56"}), cfg, self.device)
+            return self._run(cfg, model, cross_entropy_loss(), workload)
+        teacher = self.teacher(cfg, path)
+        student = prepare_model(build_model({"arch": "resnet20"}), cfg, self.device)
+        if workload == "kd":
+            return self._run(cfg, student, distillation_loss_fn(teacher, self.distill, 0.0),
+                             workload)
+        return self._pdd(cfg, student, teacher)
+
+    def _pdd(self, cfg: TrainConfig, student, teacher) -> float:
+        train, test = make_loaders(self.dataset, cfg, self.device, seed=0)
+        self.count += 1
+        job = PruneJob(student=student, teacher=teacher, train=cfg, distill=self.distill,
+                       target_macs=None, round_to=1, seed=0, train_loader=train,
+                       test_loader=test, example_input=torch.zeros(1, *INPUT_SHAPE),
+                       checkpoint=self.workdir / f"{self.count}.pt", fingerprint=str(self.count),
+                       title="pdd")
+        outcome = Pdd(PddConfig(gate_lr=0.05, flops_target=0.0, flops_weight=0.0)).prune(job)
+        job.checkpoint.unlink()
+        return second_epoch_rate(outcome.result.history, len(train) * cfg.batch_size)
+
+
+def second_epoch_rate(history: list[dict], images: int) -> float:
+    return images / history[1]["seconds"]
+
+
+def dataset_for(args):
+    if args.data_root is None:
+        dataset = make_synthetic(args.images, 500, 10, seed=0)
+        return dataset, "synthetic CIFAR-shaped images (speed does not depend on content)"
+    dataset = load_cifar(args.data_root, "cifar10", download=False)
+    dataset = replace(dataset, train=balanced_subset(dataset.train, args.images),
+                      test=balanced_subset(dataset.test, 500))
+    return dataset, f"CIFAR-10 from {args.data_root}"
+
+
+def measure_all(bench: Bench, paths: list[Path_], workloads: list[str], repeats: int) -> dict:
+    samples = {w: {p.name: [] for p in paths if p.name in WORKLOAD_PATHS[w]} for w in workloads}
+    for repeat in range(repeats):
+        for workload in workloads:
+            for path in paths:
+                if path.name not in samples[workload]:
+                    continue
+                rate = bench.measure(workload, path)
+                samples[workload][path.name].append(rate)
+                print(f"repeat {repeat + 1}/{repeats} {workload:8s} {path.name:26s} "
+                      f"{rate:7.1f} images/s", flush=True)
+    return samples
+
+
+def summarise(samples: dict) -> dict:
+    summary = {}
+    for workload, by_path in samples.items():
+        medians = {name: statistics.median(rates) for name, rates in by_path.items()}
+        summary[workload] = {name: {"median_images_per_s": round(rate, 1),
+                                    "vs_today": round(rate / medians[TODAY], 3)}
+                             for name, rate in medians.items()}
+    return summary
+
+
+def runnable_paths() -> tuple[list[Path_], dict[str, str]]:
+    """Paths that run as named here; bf16 without native instructions would silently be fp32."""
+    if cpu.native_bf16():
+        return list(PATHS), {}
+    skipped = {p.name: "no native bf16 on this CPU (or capped): training would run in fp32"
+               for p in PATHS if p.amp == "bf16"}
+    return [p for p in PATHS if p.amp != "bf16"], skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data-root", type=Path, help="CIFAR-10 root; default: synthetic")
+    parser.add_argument("--teacher", type=Path, help="a trained teacher (models/teacher.pt) "
+                        "for the ONNX Runtime parity check; default: a fresh ResNet56")
+    parser.add_argument("--images", type=int, default=2560, help="training images per epoch")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=provenance.usable_cores())
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOAD_PATHS),
+                        choices=list(WORKLOAD_PATHS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dataset, data_note = dataset_for(args)
+    state = None
+    if args.teacher is not None:
+        from pipeline.checkpoint import load_model
+
+        state = load_model(args.teacher).model.state_dict()
+    paths, skipped = runnable_paths()
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        bench = Bench(dataset, state, args.batch_size, Path(workdir))
+        samples = measure_all(bench, paths, args.workloads, args.repeats)
+    result = {"provenance": {**provenance.collect(args.threads, runtime=f"torch {torch.__version__}"),
+                             **cpu.describe(), "data": data_note,
+                             "teacher": str(args.teacher or "fresh ResNet56 (untrained)"),
+                             "settings": {k: str(v) for k, v in vars(args).items()},
+                             "wall_seconds": round(time.perf_counter() - began, 1)},
+              "paths": {p.name: {"amp": p.amp, "channels_last": p.channels_last,
+                                 "teacher_runtime": p.teacher_runtime} for p in PATHS},
+              "skipped": skipped, "summary": summarise(samples), "samples": samples}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
