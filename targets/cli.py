@@ -272,12 +272,14 @@ def build(args: argparse.Namespace) -> int:
     if not isinstance(target, EngineBuilder):
         raise ConfigError(f"target {args.target!r} builds no engines; use tensorrt or "
                           "ssh-tensorrt")
+    # A bad build profile is a usage error (exit 2) whether or not the target can run here, so
+    # it is validated before availability (which needs ssh/scp for ssh-tensorrt).
+    settings = target_settings("tensorrt", SETTINGS_FROM_ARGS["tensorrt"](args))
     ok, reason = target.available()
     if not ok:
         print(f"{target.name}: skipped: {reason}")
         return 1
     verify_model(args.model, args.no_card)  # before a build is spent on it or it is uploaded
-    settings = target_settings("tensorrt", SETTINGS_FROM_ARGS["tensorrt"](args))
     engine = target.build_engine(args.model, args.out_dir, settings)
     print(f"{engine}\n{card_path(engine)}")
     return 0
