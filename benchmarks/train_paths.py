@@ -200,8 +200,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         bench = Bench(dataset, state, args.batch_size, Path(workdir))
         samples = measure_all(bench, paths, args.workloads, args.repeats)
-    result = {"provenance": {**provenance.collect(args.threads, runtime=f"torch {torch.__version__}"),
-                             **cpu.describe(), "data": data_note,
+    runtime = f"torch {torch.__version__}"
+    result = {"provenance": {**provenance.collect(args.threads, runtime), "data": data_note,
                              "teacher": str(args.teacher or "fresh ResNet56 (untrained)"),
                              "settings": {k: str(v) for k, v in vars(args).items()},
                              "wall_seconds": round(time.perf_counter() - began, 1)},

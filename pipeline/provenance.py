@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline import cpu
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Packages whose versions change benchmark numbers; absent ones are recorded as None.
 DEFAULT_PACKAGES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt",
@@ -104,6 +106,7 @@ def collect(threads: int, runtime: str, packages: tuple[str, ...] = DEFAULT_PACK
         "python": platform.python_version(),
         "cpu_model": cpu_model(),
         "cpu_cores": usable_cores(),
+        "cpu_isa": cpu.describe(),
         "threads": threads,
         "gpu": gpu_info(),
         "runtime": runtime,

@@ -182,7 +182,7 @@ class TrainingRun:
     title: str = "train"
 
 
-def _load_resume_state(run: TrainingRun) -> dict[str, Any] | None:
+def _load_resume_state(run: TrainingRun, fingerprint: str) -> dict[str, Any] | None:
     if not run.checkpoint_path.is_file():
         return None
     try:
@@ -191,7 +191,7 @@ def _load_resume_state(run: TrainingRun) -> dict[str, Any] | None:
         log.warning("%s: unreadable resume checkpoint (%s); starting over",
                     run.checkpoint_path, err)
         return None
-    if state.get("fingerprint") != run.fingerprint:
+    if state.get("fingerprint") != fingerprint:
         log.info("%s belongs to other settings; starting over", run.checkpoint_path)
         return None
     return state
@@ -213,6 +213,8 @@ def fit(model: nn.Module, run: TrainingRun) -> FitResult:
     env = distributed.current()
     _check_sharding(run, env)
     amp = effective_amp(device, cfg.amp)
+    # `amp: auto` resolves per machine: a run resumed elsewhere must not mix precisions.
+    fingerprint = f"{run.fingerprint}|amp={amp}"
     if len(run.train_loader) == 0:
         raise ConfigError(f"{run.title}: batch_size={cfg.batch_size} exceeds the training set")
     optimizer = make_optimizer(run.param_groups or model.parameters(), cfg)
@@ -220,7 +222,8 @@ def fit(model: nn.Module, run: TrainingRun) -> FitResult:
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     history, seconds, images, start_epoch = [], 0.0, 0, 0
     # Rank 0 reads the checkpoint and hands it to the others: they may be on machines without it.
-    state = distributed.broadcast_object(_load_resume_state(run) if env.is_main else None)
+    state = distributed.broadcast_object(_load_resume_state(run, fingerprint) if env.is_main
+                                         else None)
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -256,7 +259,7 @@ def fit(model: nn.Module, run: TrainingRun) -> FitResult:
                      run.title, epoch + 1, cfg.epochs, row["train_loss"], row["train_top1"],
                      row["test_top1"], elapsed)
             if env.is_main:
-                atomic_save({"fingerprint": run.fingerprint, "model": model.state_dict(),
+                atomic_save({"fingerprint": fingerprint, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                              "history": history, "seconds": seconds, "images": images},
