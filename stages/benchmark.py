@@ -20,7 +20,9 @@ they load with `torch.load(weights_only=True)`.
 """
 
 import argparse
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +117,8 @@ class EvalSet:
 class Reference:
     """The PyTorch model a runtime's results are compared with."""
 
-    predictions: np.ndarray  # its top-1 class for every eval image
+    predict: Callable[[], np.ndarray]  # its top-1 class for every eval image (computed once,
+    # when a runtime's accuracy needs it: a target that is not available here never does)
     macs: int  # what a dense runtime executes per sample
     params: int
     params_nonzero: int  # params minus zero conv/linear weights (unstructured pruning)
@@ -134,14 +137,18 @@ def eval_set(dataset: Dataset, limit: int, loaded: LoadedModel) -> EvalSet:
 
 
 @torch.inference_mode()
-def reference_for(loaded: LoadedModel, evalset: EvalSet, batch: int = 256) -> Reference:
+def torch_predictions(loaded: LoadedModel, evalset: EvalSet, batch: int = 256) -> np.ndarray:
     inputs = torch.from_numpy(evalset.inputs_for(TensorSpec("input", np.dtype(np.float32), ())))
-    predictions = [loaded.model(inputs[i:i + batch]).argmax(1).numpy()
-                   for i in range(0, len(inputs), batch)]
+    return np.concatenate([loaded.model(inputs[i:i + batch]).argmax(1).numpy()
+                           for i in range(0, len(inputs), batch)])
+
+
+def reference_for(loaded: LoadedModel, evalset: EvalSet) -> Reference:
     shape = tuple(evalset.images_u8.shape[1:])
     cost, sparse = model_cost(loaded.model, shape), sparse_cost(loaded.model, shape)
-    return Reference(np.concatenate(predictions), cost.macs, cost.params, sparse.params_nonzero,
-                     sparse.macs_nonzero, sparse.sparsity)
+    predict = functools.cache(lambda: torch_predictions(loaded, evalset))
+    return Reference(predict, cost.macs, cost.params, sparse.params_nonzero, sparse.macs_nonzero,
+                     sparse.sparsity)
 
 
 def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
@@ -154,7 +161,7 @@ def accuracy_through(evalset: EvalSet, reference: Reference, batch: int):
         except UnsupportedOperation as err:
             return {"top1": None, "agreement": None, "eval_images": 0, "accuracy_note": str(err)}
         return {"top1": float(np.mean(predicted == evalset.labels)),
-                "agreement": float(np.mean(predicted == reference.predictions)),
+                "agreement": float(np.mean(predicted == reference.predict())),
                 "eval_images": len(evalset.labels), "accuracy_note": ""}
 
     return accuracy

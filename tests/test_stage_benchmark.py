@@ -28,6 +28,7 @@ from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import ArtifactIntegrityError
 from pipeline.io import file_sha256
 from pipeline.prune.sparse import apply_masks, magnitude_masks
+from stages import benchmark as benchmark_stage
 from stages.benchmark import BenchPaths, run
 from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
 from targets.registry import make_target
@@ -151,7 +152,11 @@ def test_static_batch_artifact_skips_other_batch_sizes(workspace, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_unavailable_target_gives_skipped_rows_with_the_reason(workspace):
+def test_unavailable_target_gives_skipped_rows_with_the_reason(workspace, monkeypatch):
+    def no_reference_needed(*_):
+        raise AssertionError("a skipped target ran the PyTorch reference over the eval images")
+
+    monkeypatch.setattr(benchmark_stage, "torch_predictions", no_reference_needed)
     out = paths(workspace, "torch-cuda")
     rows = run(config({"torch-cuda": ("fp32",)}), target("torch-cuda"), out)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"skipped"}
