@@ -338,10 +338,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
             unbiased = var * total / max(total.item() - 1, 1)
             running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
-        mean, invstd = mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+        # Statistics in the parameters' dtype: under bf16 autocast x is bf16 while weight and
+        # bias stay fp32, and the CPU kernel takes bf16 input only with all-fp32 parameters.
+        stats = weight.dtype if weight is not None else x.dtype
+        mean, invstd = mean.to(stats), torch.rsqrt(var + eps).to(stats)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.total = total.item()
-        return F.batch_norm(x, mean, var.to(x.dtype), weight, bias, training=False, eps=eps)
+        return F.batch_norm(x, mean, var.to(stats), weight, bias, training=False, eps=eps)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -349,7 +352,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
         shape = [1, channels] + [1] * (x.dim() - 2)
-        centred = x - mean.view(shape)
+        centred = x.to(mean.dtype) - mean.view(shape)  # in the statistics' dtype (see forward)
+        grad_out = grad_out.to(mean.dtype)
         sum_dy = grad_out.sum(dims, dtype=torch.float64)
         sum_dy_centred = (grad_out * centred).sum(dims, dtype=torch.float64)
         grad_weight = grad_bias = None
@@ -358,12 +362,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_bias = sum_dy.to(weight.dtype)
         both = torch.cat([sum_dy, sum_dy_centred])
         dist.all_reduce(both)
-        mean_dy = (both[:channels] / ctx.total).to(x.dtype)
-        mean_dy_centred = (both[channels:] / ctx.total).to(x.dtype)
+        mean_dy = (both[:channels] / ctx.total).to(mean.dtype)
+        mean_dy_centred = (both[channels:] / ctx.total).to(mean.dtype)
         scale = invstd if weight is None else invstd * weight
         grad_x = (grad_out - mean_dy.view(shape)
                   - centred * (invstd * invstd * mean_dy_centred).view(shape)) * scale.view(shape)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None
 
 
 class CpuSyncBatchNorm2d(nn.BatchNorm2d):

@@ -283,6 +283,39 @@ def _batchnorm_halves(env, out: Path) -> None:
                    out / "batchnorm.pt")
 
 
+def _batchnorm_halves_bf16(env, out: Path) -> None:
+    """As under bf16 autocast: bf16 activations through a BatchNorm with fp32 parameters."""
+    torch.manual_seed(0)
+    batch = (3.0 * torch.randn(8, 5, 6, 6) + 2.0).bfloat16()
+    layer = nn.BatchNorm2d(5)
+    half = batch[4 * env.rank: 4 * env.rank + 4].clone().requires_grad_(True)
+    with distributed.synchronized_batchnorm(layer, CPU):
+        output = layer(half)
+    output.float().square().sum().backward()
+    outputs = [torch.empty_like(output) for _ in range(2)]
+    grads = [torch.empty_like(half) for _ in range(2)]
+    dist.all_gather(outputs, output.detach())
+    dist.all_gather(grads, half.grad)
+    if env.is_main:
+        torch.save({"batch": batch, "y": torch.cat(outputs), "grad_x": torch.cat(grads),
+                    "running_mean": layer.running_mean}, out / "batchnorm_bf16.pt")
+
+
+@pytest.mark.slow
+def test_synchronised_batchnorm_takes_bf16_activations(tmp_path):
+    run_processes(_batchnorm_halves_bf16, tmp_path)
+    got = torch.load(tmp_path / "batchnorm_bf16.pt", weights_only=True)
+    assert got["y"].dtype == got["grad_x"].dtype == torch.bfloat16  # as the input came
+    layer = nn.BatchNorm2d(5)
+    batch = got["batch"].clone().requires_grad_(True)
+    output = layer(batch)  # one process, the same mixed precision
+    output.float().square().sum().backward()
+    close = partial(torch.testing.assert_close, rtol=2e-2, atol=2e-2)  # bf16: 8-bit mantissa
+    close(got["y"].float(), output.detach().float())
+    close(got["grad_x"].float(), batch.grad.float())
+    close(got["running_mean"], layer.running_mean)
+
+
 @pytest.mark.slow
 def test_synchronised_batchnorm_equals_batchnorm_over_the_whole_batch(tmp_path):
     run_processes(_batchnorm_halves, tmp_path)
