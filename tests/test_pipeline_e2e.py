@@ -88,10 +88,16 @@ def test_adding_methods_runs_their_chains_and_nothing_else_again(smoke_repo):
 def test_the_documented_profile_switch_runs_from_a_clean_workspace(smoke_repo):
     params = (smoke_repo / "params.yaml").read_text()
     assert "profile: smoke" in params
-    assert re.search(r"^  amp: off\b", params, re.MULTILINE), "DVC kept the quotes; test moot"
+    # YAML 1.1 would read an unquoted off as False; DVC writes it unquoted, we read YAML 1.2
+    assert re.search(r"student_dense: \{[^}]*\bamp: off\b", params), "DVC kept the quotes"
     assert json.loads((smoke_repo / "resolved" / "common.json").read_text())["profile"] == "smoke"
-    assert json.loads((smoke_repo / "resolved" / "teacher.json").read_text())["amp"] == "off"
+    assert json.loads((smoke_repo / "resolved" / "student_dense.json").read_text())["amp"] == "off"
     assert json.loads((smoke_repo / "metrics" / "teacher.json").read_text())["epochs"] == 2
+
+
+def test_a_student_trained_in_fp32_on_a_cpu_learns_from_the_teacher_in_onnxruntime(smoke_repo):
+    metrics = json.loads((smoke_repo / "metrics" / "student_dense.json").read_text())
+    assert (metrics["amp"], metrics["teacher_runtime"]) == ("off", "onnxruntime")
 
 
 def test_smoke_repro_writes_the_teacher_metrics(smoke_repo):
