@@ -89,7 +89,7 @@ def test_the_documented_profile_switch_runs_from_a_clean_workspace(smoke_repo):
     params = (smoke_repo / "params.yaml").read_text()
     assert "profile: smoke" in params
     # YAML 1.1 would read an unquoted off as False; DVC writes it unquoted, we read YAML 1.2
-    assert re.search(r"student_dense: \{[^}]*\bamp: off\b", params), "DVC kept the quotes"
+    assert re.search(r"student_dense: \{[^}]*\bamp:\s+off\b", params), "DVC kept the quotes"
     assert json.loads((smoke_repo / "resolved" / "common.json").read_text())["profile"] == "smoke"
     assert json.loads((smoke_repo / "resolved" / "student_dense.json").read_text())["amp"] == "off"
     assert json.loads((smoke_repo / "metrics" / "teacher.json").read_text())["epochs"] == 2
