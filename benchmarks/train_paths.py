@@ -18,6 +18,7 @@ caps, threads and package versions.
 """
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pipeline import cpu, provenance
+from pipeline.checkpoint import load_model
 from pipeline.config import DistillConfig, PddConfig, TrainConfig
 from pipeline.data import balanced_subset, load_cifar, make_synthetic
 from pipeline.models import build_model
@@ -41,7 +43,7 @@ TODAY = "today"
 
 
 @dataclass(frozen=True)
-class Path_:
+class TrainPath:
     """One way to run a training step."""
 
     name: str
@@ -51,11 +53,11 @@ class Path_:
 
 
 PATHS = (
-    Path_(TODAY, "off", True, "torch"),
-    Path_("onnxruntime-teacher", "off", True, "onnxruntime"),
-    Path_("channels-first", "off", False, "torch"),
-    Path_("bf16", "bf16", True, "torch"),
-    Path_("bf16+onnxruntime-teacher", "bf16", True, "onnxruntime"),
+    TrainPath(TODAY, "off", True, "torch"),
+    TrainPath("onnxruntime-teacher", "off", True, "onnxruntime"),
+    TrainPath("channels-first", "off", False, "torch"),
+    TrainPath("bf16", "bf16", True, "torch"),
+    TrainPath("bf16+onnxruntime-teacher", "bf16", True, "onnxruntime"),
 )
 WORKLOAD_PATHS = {  # the teacher trains alone: its path has no teacher runtime to vary
     "teacher": (TODAY, "channels-first", "bf16"),
@@ -64,7 +66,7 @@ WORKLOAD_PATHS = {  # the teacher trains alone: its path has no teacher runtime 
 }
 
 
-def schedule(batch_size: int, path: Path_) -> TrainConfig:
+def schedule(batch_size: int, path: TrainPath) -> TrainConfig:
     return TrainConfig(epochs=2, batch_size=batch_size, eval_batch_size=500, lr=0.05,
                        momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
                        milestones=(), gamma=0.1, warmup_epochs=0, label_smoothing=0.0,
@@ -83,26 +85,28 @@ class Bench:
                                      teacher_runtime="torch")
         self.count = 0
 
-    def teacher(self, cfg: TrainConfig, path: Path_):
+    def teacher(self, cfg: TrainConfig, path: TrainPath):
         key = (path.teacher_runtime, cfg.channels_last, cfg.amp)
         if key not in self.teachers:
-            model = build_model({"arch": "resnet56", "num_classes": 10})
-            model.load_state_dict(self.teacher_model.state_dict())
-            self.teachers[key] = freeze_teacher(model, self.device, cfg, path.teacher_runtime,
-                                                INPUT_SHAPE)
+            self.teachers[key] = freeze_teacher(copy.deepcopy(self.teacher_model), self.device,
+                                                cfg, path.teacher_runtime, INPUT_SHAPE)
         return self.teachers[key]
 
-    def _run(self, cfg: TrainConfig, model, loss_fn, title: str) -> float:
-        train, test = make_loaders(self.dataset, cfg, self.device, seed=0)
+    def _fresh_run(self, cfg: TrainConfig):
+        """Loaders and a checkpoint path no earlier measurement used (nothing resumes)."""
         self.count += 1
-        checkpoint = self.workdir / f"{self.count}.pt"
+        train, test = make_loaders(self.dataset, cfg, self.device, seed=0)
+        return train, test, self.workdir / f"{self.count}.pt"
+
+    def _run(self, cfg: TrainConfig, model, loss_fn, title: str) -> float:
+        train, test, checkpoint = self._fresh_run(cfg)
         result = fit(model, TrainingRun(cfg=cfg, train_loader=train, test_loader=test,
                                         loss_fn=loss_fn, checkpoint_path=checkpoint,
-                                        fingerprint=str(self.count), title=title))
+                                        fingerprint=checkpoint.stem, title=title))
         checkpoint.unlink()
         return second_epoch_rate(result.history, len(train) * cfg.batch_size)
 
-    def measure(self, workload: str, path: Path_) -> float:
+    def measure(self, workload: str, path: TrainPath) -> float:
         cfg = schedule(self.batch_size, path)
         torch.manual_seed(0)
         if workload == "teacher":
@@ -116,15 +120,13 @@ class Bench:
         return self._pdd(cfg, student, teacher)
 
     def _pdd(self, cfg: TrainConfig, student, teacher) -> float:
-        train, test = make_loaders(self.dataset, cfg, self.device, seed=0)
-        self.count += 1
+        train, test, checkpoint = self._fresh_run(cfg)
         job = PruneJob(student=student, teacher=teacher, train=cfg, distill=self.distill,
                        target_macs=None, round_to=1, seed=0, train_loader=train,
                        test_loader=test, example_input=torch.zeros(1, *INPUT_SHAPE),
-                       checkpoint=self.workdir / f"{self.count}.pt", fingerprint=str(self.count),
-                       title="pdd")
+                       checkpoint=checkpoint, fingerprint=checkpoint.stem, title="pdd")
         outcome = Pdd(PddConfig(gate_lr=0.05, flops_target=0.0, flops_weight=0.0)).prune(job)
-        job.checkpoint.unlink()
+        checkpoint.unlink()
         return second_epoch_rate(outcome.result.history, len(train) * cfg.batch_size)
 
 
@@ -142,7 +144,7 @@ def dataset_for(args):
     return dataset, f"CIFAR-10 from {args.data_root}"
 
 
-def measure_all(bench: Bench, paths: list[Path_], workloads: list[str], repeats: int) -> dict:
+def measure_all(bench: Bench, paths: list[TrainPath], workloads: list[str], repeats: int) -> dict:
     samples = {w: {p.name: [] for p in paths if p.name in WORKLOAD_PATHS[w]} for w in workloads}
     for repeat in range(repeats):
         for workload in workloads:
@@ -166,7 +168,7 @@ def summarise(samples: dict) -> dict:
     return summary
 
 
-def runnable_paths() -> tuple[list[Path_], dict[str, str]]:
+def runnable_paths() -> tuple[list[TrainPath], dict[str, str]]:
     """Paths that run as named here; bf16 without native instructions would silently be fp32."""
     if cpu.native_bf16():
         return list(PATHS), {}
@@ -190,11 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset, data_note = dataset_for(args)
-    state = None
-    if args.teacher is not None:
-        from pipeline.checkpoint import load_model
-
-        state = load_model(args.teacher).model.state_dict()
+    state = None if args.teacher is None else load_model(args.teacher).model.state_dict()
     paths, skipped = runnable_paths()
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
