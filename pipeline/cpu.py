@@ -3,8 +3,8 @@
 Training picks its precision from this (pipeline.training, `amp: auto`), and benchmark records
 carry it. The answer follows what the math libraries will really use: oneDNN and ATen can be
 capped below the hardware (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, used to emulate an AVX2
-host on an AVX-512 one), and bf16 without native instructions runs 5-10x slower than fp32
-(measured: ResNet56 forward at batch 128 under an AVX2 cap, 1445 ms in bf16 vs 261 ms fp32).
+host on an AVX-512 one), and bf16 without native instructions runs several times slower than fp32
+(measured once: ResNet56 forward at batch 128 under an AVX2 cap, 1445 ms in bf16 vs 261 ms fp32).
 """
 
 import functools
@@ -22,16 +22,23 @@ ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", 
                             "AVX512_CORE_VNNI")
 
 
+def cpuinfo_field(*names: str) -> str | None:
+    """The first CPU's value of the first of `names` in Linux /proc/cpuinfo (case-insensitive
+    key); None where the file or the key is missing."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.lower().startswith(names):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The first CPU's feature flags (Linux); empty where /proc/cpuinfo is not readable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((cpuinfo_field("flags", "features") or "").split())
 
 
 def isa_caps() -> dict[str, str | None]:

@@ -24,13 +24,8 @@ DEFAULT_PACKAGES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", 
 
 def cpu_model() -> str:
     """The CPU's marketing name (Linux /proc/cpuinfo), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+    return (cpu.cpuinfo_field("model name", "hardware", "cpu model") or platform.processor()
+            or platform.machine() or "unknown")
 
 
 def usable_cores() -> int:
