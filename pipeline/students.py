@@ -11,7 +11,7 @@ from pipeline.distill import DistillationLoss, FrozenTeacher
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import build_model
 from pipeline.prune.gates import GatedModel, attach_gates
-from pipeline.training import LossFn, effective_amp
+from pipeline.training import LossFn, resolved_amp
 
 
 def teacher_runtime(requested: str, device: torch.device, amp: str) -> str:
@@ -31,7 +31,7 @@ def freeze_teacher(model: nn.Module, device: torch.device, cfg: TrainConfig, run
     """`model` as the frozen teacher of a KD run with schedule `cfg` (its memory format and
     precision decide), its forward pass in the runtime `runtime` resolves to."""
     model = model.to(device).eval()
-    if teacher_runtime(runtime, device, effective_amp(device, cfg.amp)) == "onnxruntime":
+    if teacher_runtime(runtime, device, resolved_amp(device, cfg.amp)) == "onnxruntime":
         from pipeline.teacher_onnx import OnnxRuntimeTeacher  # exports: only when chosen
 
         return OnnxRuntimeTeacher(model, input_shape, threads=torch.get_num_threads())

@@ -92,12 +92,12 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def effective_amp(device: torch.device, requested: str) -> str:
+def resolved_amp(device: torch.device, requested: str) -> str:
     """The autocast precision training really uses on `device` for the requested `amp`.
 
     bf16 runs where the hardware computes it natively: CUDA GPUs that support it, CPUs with
     AVX512_BF16 or AMX (pipeline.cpu); elsewhere bf16 is emulated and slower than fp32, so
-    training stays in fp32 and says so. fp16 is CUDA only. `auto` picks bf16 where native.
+    training stays in fp32. fp16 is CUDA only. `auto` picks bf16 where native.
     """
     if requested == "off":
         return "off"
@@ -105,13 +105,17 @@ def effective_amp(device: torch.device, requested: str) -> str:
         if requested == "auto":
             return "bf16" if torch.cuda.is_bf16_supported() else "off"
         return requested
-    if requested in ("auto", "bf16") and cpu.native_bf16():
-        return "bf16"
-    if requested != "auto":
+    return "bf16" if requested in ("auto", "bf16") and cpu.native_bf16() else "off"
+
+
+def effective_amp(device: torch.device, requested: str) -> str:
+    """resolved_amp, saying so when an explicitly requested precision cannot run here."""
+    amp = resolved_amp(device, requested)
+    if requested not in ("auto", amp):
         log.warning("amp=%s needs %s; training on %s in fp32", requested,
                     "CUDA" if requested == "fp16" else "native bf16 (AVX512_BF16 or AMX)",
                     device)
-    return "off"
+    return amp
 
 
 @torch.no_grad()
