@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import PipelineError
+
 
 def _fsync_path(path: Path) -> None:
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
@@ -107,6 +109,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; PipelineError naming the file when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise PipelineError(f"{path} not found; the stage that writes it has not run") from err
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{path} is not readable JSON: {err}") from err
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:

@@ -41,17 +41,19 @@ SPEC_FORMAT = "prune-deploy/pruning/1"
 EXACTNESS_TOLERANCE = 1e-4  # relative: max |gated - slim| / max |gated| over the check batch
 
 
-def slim(gated: GatedModel, round_to: int = 1, *,
+def slim(gated: GatedModel, round_to: int = 1, *, widths: dict[str, int] | None = None,
          verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Remove the closed channels of `gated` for real; returns (plain model, pruning spec).
 
     The plain model has no gates or hooks and is in the gated model's train/eval mode. With
     `verify`, both models run on a random batch in eval mode and a relative difference above
-    EXACTNESS_TOLERANCE raises ParityError.
+    EXACTNESS_TOLERANCE raises ParityError. `widths` (group key -> width, e.g. chosen from a
+    latency table) replaces rounding: each group keeps exactly that many channels, which must be
+    at least its open ones and at most its width.
     """
     if not isinstance(round_to, int) or round_to < 1:
         raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
-    kept = _choose_kept_channels(gated, round_to)
+    kept = _choose_kept_channels(gated, round_to, widths)
     model = gated.plain_copy()
     _fold_gates(gated, model)
     example = _example_input(model, gated.plan.input_shape)
@@ -59,7 +61,8 @@ def slim(gated: GatedModel, round_to: int = 1, *,
     for key, entry in kept.items():
         _prune_group(graph, model, key, entry["width"], entry["keep"])
     spec = {"format": SPEC_FORMAT, "input_shape": list(gated.plan.input_shape),
-            "round_to": round_to, "groups": kept, "buffers": _index_buffers(model)}
+            "round_to": round_to, **({"widths": dict(widths)} if widths else {}),
+            "groups": kept, "buffers": _index_buffers(model)}
     if verify:
         _verify(gated, model)
     return model, spec
@@ -130,14 +133,24 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------------- internals
 @torch.no_grad()
-def _choose_kept_channels(gated: GatedModel, round_to: int) -> dict[str, dict[str, Any]]:
-    """Per group: open channels, plus the best closed ones (by logit) up to a multiple of N."""
+def _choose_kept_channels(gated: GatedModel, round_to: int,
+                          widths: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """Per group: open channels, plus the best closed ones (by logit) up to a multiple of N
+    (or up to `widths[key]`)."""
+    if widths is not None and set(widths) != set(gated.group_keys):
+        raise ConfigError(f"widths cover groups {sorted(widths)}, the model has "
+                          f"{sorted(gated.group_keys)}")
     kept = {}
     for group in gated.plan.groups:
         gate = gated.gate(group.key)
         is_open = gate().bool().cpu()
         opened = is_open.nonzero().flatten().tolist()
         target = min(group.width, math.ceil(len(opened) / round_to) * round_to)
+        if widths is not None:
+            target = widths[group.key]
+            if not len(opened) <= target <= group.width:
+                raise ConfigError(f"group {group.key!r}: width {target} must be between its "
+                                  f"{len(opened)} open channels and its width {group.width}")
         ranked = torch.argsort(gate.logits.detach().cpu(), descending=True, stable=True)
         extra = [i for i in ranked.tolist() if not is_open[i]][: target - len(opened)]
         kept[group.key] = {"width": group.width, "keep": sorted(opened + extra),
