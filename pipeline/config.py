@@ -185,12 +185,38 @@ Fraction = Annotated[float, Field(gt=0, le=1)]  # a share in (0, 1]
 
 
 @dataclass(frozen=True, config=STRICT)
+class MacsBudget:
+    """Kept MACs / the unpruned student's MACs."""
+
+    macs: Fraction
+
+
+@dataclass(frozen=True, config=STRICT)
+class LatencyBudget:
+    """A latency on a named target at a batch size, priced by its latency table (latency)."""
+
+    latency_ms: PositiveFloat  # milliseconds per call of `batch` images
+    target: str  # must be latency.target: the target whose table is built
+    precision: Literal["fp32"]  # tables are measured in fp32
+    batch: PositiveInt  # one of latency.batch_sizes
+
+
+@dataclass(frozen=True, config=STRICT)
 class PruneConfig:
     """Which pruning methods run (one chain each: student_pruned@m -> student_slim@m ->
-    student_final@m) and the kept-MACs target every structured method is driven to."""
+    student_final@m) and the budget every structured method is driven to."""
 
     methods: Annotated[tuple[MethodName, ...], Field(min_length=1)]  # the methods compared
-    target_macs: Fraction | None  # kept MACs / unpruned MACs; None = each method's own size
+    budget: MacsBudget | LatencyBudget | None  # None = each method's own size
+
+    @property
+    def target_macs(self) -> float | None:
+        """The kept-MACs target, when the budget is one."""
+        return self.budget.macs if isinstance(self.budget, MacsBudget) else None
+
+    @property
+    def latency_budget(self) -> "LatencyBudget | None":
+        return self.budget if isinstance(self.budget, LatencyBudget) else None
 
     @field_validator("methods")
     @classmethod
@@ -276,13 +302,16 @@ METHOD_SCHEMAS: dict[str, type] = {"pdd": PddConfig, "kddp": KddpConfig,
 class MethodBudget:
     """What a method's prune stage needs besides its own section (resolved/methods/<m>.json)."""
 
-    target_macs: Fraction | None  # prune.target_macs
+    target_macs: Fraction | None  # prune.budget.macs
     round_to: PositiveInt  # student_slim.round_to: decisions are made at the shipped widths
+    latency_ms: PositiveFloat | None = None  # prune.budget.latency_ms (the table: latency/)
 
 
 @dataclass(frozen=True, config=STRICT)
 class SlimConfig:
     round_to: PositiveInt  # keep every group's width a multiple of this (1 = exact gate widths)
+    widths: Literal["round_to", "table"]  # table: per group the latency table's fastest width
+    # at or above the kept channels (latency.target at latency.select_batch); round_to: rounding
     check_images: PositiveInt  # test images on which slimmed and gated logits are compared
     tolerance: PositiveFloat  # max allowed max|gated - slim| / max|gated| (exactness gate)
 
@@ -374,6 +403,22 @@ class EngineConfig:
     fp32_max_rel_diff: PositiveFloat  # fp32 engines: max|ort - engine| / max|ort| allowed
     fp16: EngineParityLimits  # fp16 engines (strongly typed from the fp16 ONNX file)
     int8: EngineParityLimits  # int8 engines (from the symmetric int8.trt ONNX file)
+
+
+@dataclass(frozen=True, config=STRICT)
+class LatencyConfig:
+    """Per-layer latency tables on one target (stages latency_table, latency_plan,
+    latency_model): what latency budgets and slimming's width choice are priced with."""
+
+    target: str  # an ONNX target (benchmark.targets); its settings come from `runtimes`
+    batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)]  # rows per batch size
+    select_batch: PositiveInt  # the batch size student_slim's width choice optimises for
+    width_step: PositiveInt  # grid of candidate widths: multiples of this (of 4 below it)
+    sweep_widths: tuple[PositiveInt, ...]  # student base widths measured whole (calibration)
+    holdout: NonNegativeInt  # off-grid rows measured to report the interpolation error
+    timing: TimingPlan  # per probe and per whole network, in each session
+    probe_sessions: PositiveInt  # each probe: the fastest of this many sessions' medians
+    network_sessions: PositiveInt  # each whole network: the fastest of this many
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -314,9 +314,55 @@ def render(rows: Sequence[dict], settings: ReportConfig, methods: Sequence[str],
         "## Provenance", "", *_provenance_lines(rows), ""])
 
 
+def _pct(value: float) -> str:
+    return f"{100 * value:+.1f} %"
+
+
+def latency_model_section(result: dict[str, Any] | None) -> list[str]:
+    """Predicted vs measured latency per model (metrics/latency_model.json), and each pruned
+    student's speed-up over the dense student: predicted by MACs, by the table, measured."""
+    if not result:
+        return []
+    title = "## Latency model"
+    if result.get("status") != "ok":
+        return [title, "", f"Not measured on {result.get('target')}: {result.get('reason')}", ""]
+    lines = [title, "", f"Target {result['target']}, {result['precision']}: predicted = the "
+             "fitted constant + alpha x the sum of the model's per-layer table rows; measured = "
+             "median over fresh sessions of the exported file. Calibration networks (random "
+             "weights) are predicted leave-one-out.", ""]
+    for batch, part in result["batch"].items():
+        lines += [f"### Batch {batch}", "", "| model | predicted ms | measured ms | error |",
+                  "|---|---|---|---|"]
+        named = {**part["models"], **{f"{n} (calibration)": v
+                                      for n, v in part["calibration_networks_loo"].items()}}
+        for name, row in named.items():
+            predicted = row.get("predicted_ms", row.get("loo_predicted_ms"))
+            lines.append(f"| {name} | {predicted:.3f} | {row['measured_ms']:.3f} | "
+                         f"{_pct(row['rel_err'])} |")
+        interp = part["interpolation"]
+        lines += ["", f"Median absolute error {100 * part['median_abs_rel_err']:.1f} % (max "
+                  f"{100 * part['max_abs_rel_err']:.1f} %) over {part['networks']} networks."
+                  + (f" Interpolating between grid rows is off by a median "
+                     f"{100 * interp['median_abs_rel_err']:.0f} % on {interp['n']} held-out rows:"
+                     " pruning only picks measured grid widths." if interp.get("n") else ""), ""]
+        lines += ["| method | speed-up predicted by MACs | by the table | measured |",
+                  "|---|---|---|---|"]
+        lines += [f"| {method} | {s['macs']:.2f}x | {s['table']:.2f}x | {s['measured']:.2f}x |"
+                  for method, s in part["speedup_over_dense"].items()]
+        lines.append("")
+    budget = result.get("budget") or {}
+    if "latency_ms" in budget:
+        lines += [f"Latency budget {budget['latency_ms']:.3f} ms at batch {budget['batch']}: "
+                  + "; ".join(f"{m} measured {v['measured_ms']:.3f} ms "
+                              f"({100 * v['measured_over_budget']:.0f} % of the budget)"
+                              for m, v in budget["methods"].items()), ""]
+    return lines
+
+
 def write_report(rows: Sequence[dict], settings: ReportConfig, models: Sequence[str],
                  out_dir: Path, methods: Sequence[str] = (),
-                 target_macs: float | None = None) -> dict[str, Path]:
+                 target_macs: float | None = None,
+                 latency_model: dict[str, Any] | None = None) -> dict[str, Path]:
     """reports/report.md + latency.png + accuracy_vs_latency.png + methods.png in `out_dir`."""
     if not rows:
         raise ReportError("no benchmark rows to report")
@@ -327,6 +373,7 @@ def write_report(rows: Sequence[dict], settings: ReportConfig, models: Sequence[
     latency_chart(ordered, models, paths["latency"])
     accuracy_chart(ordered, models, paths["accuracy"])
     comparison = comparison_section(ordered, settings, methods, target_macs, paths["methods"])
+    comparison = [*comparison, *latency_model_section(latency_model)]
     text = render(ordered, settings, methods, (paths["latency"].name, paths["accuracy"].name),
                   comparison, models)
     atomic_write_text(paths["report"], text)

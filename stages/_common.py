@@ -35,6 +35,7 @@ class TrainingPaths:
     dataset: Path = Path("data/prepared.npz")
     teacher: Path = Path("models/teacher.pt")
     start: Path | None = None  # the model training starts from, if not a fresh one
+    latency_budget: Path = Path("latency/budget.json")  # a latency budget and its table
 
     @property
     def model(self) -> Path:

@@ -21,6 +21,7 @@ from pipeline.config import (
     EngineConfig,
     ExportConfig,
     KddpConfig,
+    LatencyConfig,
     MethodBudget,
     NetslimConfig,
     PddConfig,
@@ -63,6 +64,7 @@ class Params:
     weight: WeightConfig
     student_slim: SlimConfig
     student_final: TrainConfig  # every method's fine-tuning
+    latency: LatencyConfig  # per-layer latency tables: latency budgets, slimming's widths
     export: ExportConfig
     engine: EngineConfig
     benchmark: BenchmarkConfig
@@ -75,8 +77,10 @@ class Params:
 
     def method_settings(self, name: str) -> tuple[MethodBudget, Any]:
         """What method `name`'s prune stage reads: the common budget and its own section."""
+        latency = self.prune.latency_budget
         budget = MethodBudget(target_macs=self.prune.target_macs,
-                              round_to=self.student_slim.round_to)
+                              round_to=self.student_slim.round_to,
+                              latency_ms=latency.latency_ms if latency else None)
         return budget, getattr(self, name)
 
 
@@ -215,13 +219,52 @@ def _batches_split_over_processes(p: Params) -> list[tuple[str, str]]:
             and section.batch_size % processes]
 
 
+def _latency_tables(p: Params) -> list[tuple[str, str]]:
+    """The table's target runs ONNX files and is benchmarked at the table's batch sizes (the
+    latency model compares with the benchmark's measurements); a latency budget names that
+    target and one of those batch sizes."""
+    lat, problems = p.latency, []
+    if lat.target not in target_names():
+        return [("latency.target", f"unknown target; known: {', '.join(target_names())}")]
+    if target_class(lat.target).source != "onnx":
+        problems.append(("latency.target", f"{lat.target!r} runs "
+                         f"{target_class(lat.target).source} files; latency tables are measured "
+                         "with ONNX probes, so it must be a target that runs ONNX files"))
+    if "fp32" not in p.benchmark.targets.get(lat.target, ()):
+        problems.append(("latency.target", f"{lat.target!r} must be benchmarked in fp32 "
+                         "(benchmark.targets): the latency model is checked against those "
+                         "measurements"))
+    missing = [b for b in lat.batch_sizes if b not in p.benchmark.batch_sizes]
+    if missing:
+        problems.append(("latency.batch_sizes", f"{missing} not in benchmark.batch_sizes "
+                         f"{list(p.benchmark.batch_sizes)}"))
+    if lat.select_batch not in lat.batch_sizes:
+        problems.append(("latency.select_batch", f"{lat.select_batch} is not one of "
+                         f"latency.batch_sizes {list(lat.batch_sizes)}"))
+    budget = p.prune.latency_budget
+    if budget is not None:
+        if budget.target != lat.target:
+            problems.append(("prune.budget.target", f"{budget.target!r}: tables are built for "
+                             f"latency.target ({lat.target!r}); set both to the same target"))
+        if p.student_slim.widths != "table":
+            problems.append(("student_slim.widths", f"{p.student_slim.widths!r}: a latency budget "
+                             "is met at the widths the table priced; set student_slim.widths: "
+                             "table (rounding would change them)"))
+        if budget.batch not in lat.batch_sizes:
+            problems.append(("prune.budget.batch", f"{budget.batch} is not one of "
+                             f"latency.batch_sizes {list(lat.batch_sizes)}"))
+    return problems
+
+
 CROSS_SECTION_RULES = (_epoch_budget, _compared_models, _targets_support_their_precisions,
-                       _benchmarked_batches_fit_the_engine_profile, _batches_split_over_processes)
+                       _benchmarked_batches_fit_the_engine_profile, _batches_split_over_processes,
+                       _latency_tables)
 
 
 # Keys dvc.yaml expands into stages (foreach). DVC reads them from params.yaml as written, before
 # any profile applies, so a profile may name them only with the value the file itself has.
-STAGE_KEYS = (("prune", "methods"), ("benchmark", "models"), ("benchmark", "targets"))
+STAGE_KEYS = (("prune", "methods"), ("benchmark", "models"), ("benchmark", "targets"),
+              ("latency", "target"))
 
 
 def _stage_keys_as_written(raw: dict[str, Any], merged: dict[str, Any], overridden: set[str],

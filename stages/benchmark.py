@@ -33,16 +33,16 @@ import torch
 from pipeline import provenance
 from pipeline.artifacts import FORMATS, artifact_path, final_model, sidecar_files
 from pipeline.checkpoint import LoadedModel, load_model
-from pipeline.config import BenchmarkConfig, PruneConfig, load_section
+from pipeline.config import BenchmarkConfig, PruneConfig
 from pipeline.data import Dataset, balanced_subset, load_prepared
 from pipeline.errors import ArtifactIntegrityError, CheckpointError, ConfigError
 from pipeline.export.cards import load_verified_onnx, verified_card
 from pipeline.flops import model_cost, sparse_cost
 from pipeline.io import file_sha256, write_csv, write_json
 from stages._cli import RESOLVED, load_settings, run_main
+from stages._targets import load_target
 from targets.base import Runner, Target, TensorSpec, UnsupportedOperation
 from targets.measure import measure
-from targets.registry import make_target, target_class
 
 log = logging.getLogger("benchmark")
 
@@ -288,12 +288,6 @@ def write_results(rows: list[dict], target_name: str, availability: tuple[bool, 
     write_json(out_paths.metrics, {"target": target_name, "available": availability[0],
                                    "reason": availability[1], "results": results})
     write_csv(out_paths.plots, [csv_row(row) for row in rows])
-
-
-def load_target(name: str, resolved: Path) -> Target:
-    """Target `name` built from its resolved settings (resolved/targets/<name>.json)."""
-    settings = load_section(target_class(name).Settings, resolved / "targets" / f"{name}.json")
-    return make_target(name, settings)
 
 
 def main(argv: list[str] | None = None) -> None:

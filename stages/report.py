@@ -2,7 +2,8 @@
 reference with top-1, cost, sparsity, latency, speed-ups and Performance Efficiency - a table of
 every benchmark row, findings in sentences) and its charts (reports/methods.png,
 reports/latency.png, reports/accuracy_vs_latency.png), from the benchmark stage's
-metrics/benchmark_<target>.json files for the targets listed in params."""
+metrics/benchmark_<target>.json files for the targets listed in params, and the latency
+model's predictions against measurements (metrics/latency_model.json)."""
 
 import argparse
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from pipeline.artifacts import final_model
 from pipeline.config import BenchmarkConfig, PruneConfig, ReportConfig
+from pipeline.io import read_json
 from pipeline.report import load_rows, write_report
 from stages._cli import RESOLVED, load_settings, run_main
 
@@ -25,8 +27,9 @@ def run(settings: Settings, metrics_dir: Path, out_dir: Path) -> dict[str, Path]
     files = [metrics_dir / f"benchmark_{target}.json" for target in settings.benchmark.targets]
     methods = settings.prune.methods
     models = (*settings.benchmark.models, *map(final_model, methods))
+    latency = metrics_dir / "latency_model.json"
     return write_report(load_rows(files), settings.report, models, out_dir, methods,
-                        settings.prune.target_macs)
+                        settings.prune.target_macs, read_json(latency))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@ prune.methods: student_pruned@<method>).
 
 A fresh student trains for student_pruned.epochs under the method (pipeline/prune/<method>.py,
 behind pipeline.prune.method.PruneMethod) with KD from the frozen teacher, and the method decides
-what to remove: at the common kept-MACs target (prune.target_macs) or at its own size. Writes
+what to remove: at the common budget (prune.budget: kept MACs, or a latency priced by
+latency/budget.json, which the latency_plan stage writes) or at its own size. Writes
 models/student_pruned_<method>.pt - a gated student whose gates hold the keep decision
 (structured methods), or the dense student with zeros in its weights (`weight`) -
 metrics/student_pruned_<method>.json (top-1 as trained and after the decision, the decision,
@@ -33,6 +34,7 @@ from pipeline.io import file_sha256
 from pipeline.models import build_model
 from pipeline.prune.budget import Masks
 from pipeline.prune.gates import GatedModel
+from pipeline.prune.latency import LatencyPlan, read_budget_plan
 from pipeline.prune.method import PruneJob, PruneOutcome
 from pipeline.prune.registry import make_method, method_module
 from pipeline.prune.slimming import slim
@@ -71,6 +73,13 @@ class MethodSettings:
 
 def paths_for(method: str) -> TrainingPaths:
     return TrainingPaths(f"student_pruned_{method}")
+
+
+def latency_plan(budget: MethodBudget, path: Path) -> LatencyPlan | None:
+    """The latency budget and its table, when prune.budget is a latency."""
+    if budget.latency_ms is None:
+        return None
+    return read_budget_plan(path)
 
 
 def network_cost(gated: GatedModel, ctx: StageContext) -> dict[str, int]:
@@ -125,6 +134,7 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
     teacher = load_teacher(paths.teacher, ctx.device, cfg, settings.distill)
     train_loader, test_loader = ctx.loaders(cfg, seed)
     pruner = make_method(method.name, method.settings)
+    latency = latency_plan(method.budget, paths.latency_budget)
     job = PruneJob(
         student=student, teacher=teacher, train=cfg, distill=settings.distill,
         target_macs=method.budget.target_macs, round_to=method.budget.round_to, seed=seed,
@@ -133,7 +143,9 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
         fingerprint=ctx.fingerprint(cfg, spec, seed, settings.distill, teacher.runtime,
                                     file_sha256(paths.teacher),
                                     method.name, as_dict(method.budget), as_dict(method.settings),
-                                    code_hash(method_module(method.name))))
+                                    code_hash(method_module(method.name)),
+                                    file_sha256(paths.latency_budget) if latency else None),
+        latency=latency)
     outcome = pruner.prune(job)
     trained = training_metrics(outcome.result, cfg, ctx, settings.common)
     metrics = {**trained, "teacher_runtime": teacher.runtime, "top1_trained": trained["top1"],

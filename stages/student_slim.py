@@ -8,7 +8,11 @@ relative (max-abs / max-abs of the gated logits) - and again after reloading the
 which replays the pruning on a fresh model. A violation fails the stage before anything is
 written. The `weight` method's student has nothing to remove: its zeros stay inside dense
 tensors, and the file is passed on unchanged in its weights (exactness 0 by construction), with
-its sparsity recorded. Writes models/student_slim_<method>.pt and
+its sparsity recorded. Group widths are the kept channels rounded up to multiples of
+`student_slim.round_to`, or, with `student_slim.widths: table`, per group the width at or above
+the kept channels that latency.target's table predicts fastest (latency/slim.json, written by
+the latency_plan stage); the extra channels are the best closed ones, read by nobody, so the
+function stays exact. Writes models/student_slim_<method>.pt and
 metrics/student_slim_<method>.json.
 """
 
@@ -25,6 +29,9 @@ from pipeline.data import normalize
 from pipeline.errors import CheckpointError, ParityError
 from pipeline.flops import sparse_cost
 from pipeline.io import write_json
+from pipeline.latency.table import MissingRows
+from pipeline.prune.gates import GatedModel
+from pipeline.prune.latency import LatencyCost, fastest_widths, read_width_table
 from pipeline.prune.slimming import exactness, layer_widths, slim
 from pipeline.students import load_gated
 from stages._cli import RESOLVED, load_settings, run_main
@@ -44,6 +51,7 @@ class Paths:
     model: Path  # models/student_slim_<method>.pt
     metrics: Path  # metrics/student_slim_<method>.json
     dataset: Path = Path("data/prepared.npz")
+    width_plan: Path = Path("latency/slim.json")  # how widths are chosen (latency_plan stage)
 
     @classmethod
     def for_method(cls, method: str) -> "Paths":
@@ -78,13 +86,34 @@ def pruning_of(path: Path, method: str) -> dict[str, Any]:
     return pruning
 
 
+def table_widths(gated: GatedModel, plan: Path, round_to: int) -> tuple[dict | None, dict]:
+    """(per-group widths, what the table predicts) under `student_slim.widths: table`;
+    (None, {}) when widths are rounded."""
+    found = read_width_table(plan)
+    if found is None:
+        return None, {}
+    cost = LatencyCost(gated, *found)
+    kept = gated.kept_channels()
+    widths = fastest_widths(cost, kept)
+    rounded = {key: min(cost.widths[key], -(-n // round_to) * round_to) for key, n in kept.items()}
+    try:
+        rounded_ms = cost.predict(rounded)
+    except MissingRows:  # rounded widths off the table's grid
+        rounded_ms = None
+    return widths, {"widths_by": "table", "table_batch": cost.batch,
+                    "group_widths": widths, "predicted_ms": cost.predict(widths),
+                    f"predicted_ms_round_to_{round_to}": rounded_ms}
+
+
 def slim_structured(cfg: SlimConfig, ctx: StageContext, paths: Paths, record: dict) -> dict:
     gated, spec, meta = load_gated(paths.pruned, ctx.device)
-    slimmed, pruning = slim(gated, cfg.round_to, verify=False)
+    widths, chosen = (table_widths(gated, paths.width_plan, cfg.round_to)
+                      if cfg.widths == "table" else (None, {}))
+    slimmed, pruning = slim(gated, cfg.round_to, widths=widths, verify=False)
     images = check_images(ctx, cfg.check_images)
     max_abs, relative = require_exact(gated, slimmed, images, cfg.tolerance, "gated vs slimmed")
     before, after = cost_of(gated.plain_copy(), ctx), cost_of(slimmed, ctx)
-    summary = {**record, "round_to": cfg.round_to, "params_before": before.params,
+    summary = {**record, "round_to": cfg.round_to, **chosen, "params_before": before.params,
                "params_after": after.params, "macs_before": before.macs,
                "macs_after": after.macs, "sparsity": 0.0}
     save_model(paths.model, slimmed, {**spec, "pruning": pruning},

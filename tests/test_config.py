@@ -80,7 +80,7 @@ def test_quick_runs_a_subset_of_the_methods():
 
 def test_null_target_means_each_method_at_its_own_size(tmp_path):
     params = load_params(write_params(tmp_path, lambda raw: raw["prune"].update(
-        target_macs=None)))
+        budget=None)))
     assert params.prune.target_macs is None
     assert params.method_settings("netslim")[0].target_macs is None
 
@@ -138,10 +138,20 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
         (lambda raw: raw["prune"].update(methods=["pdd", "pdd"]),
          r"prune\.methods: each method may be listed once"),
         (lambda raw: raw["prune"].update(methods=[]), r"prune\.methods: .*at least 1"),
-        (lambda raw: raw["prune"].update(target_macs=0.0),
-         r"prune\.target_macs: Input should be greater than 0"),
-        (lambda raw: raw["prune"].update(target_macs=1.2),
-         r"prune\.target_macs: Input should be less than or equal to 1"),
+        (lambda raw: raw["prune"].update(budget={"macs": 0.0}),
+         r"prune\.budget\.MacsBudget\.macs: Input should be greater than 0"),
+        (lambda raw: raw["prune"].update(budget={"macs": 1.2}),
+         r"prune\.budget\.MacsBudget\.macs: Input should be less than or equal to 1"),
+        (lambda raw: raw["prune"].update(budget={"latency_ms": 5.0, "target": "torch-cpu",
+                                                 "precision": "fp32", "batch": 64}),
+         r"prune\.budget\.target: 'torch-cpu': tables are built for latency\.target"),
+        (lambda raw: raw["prune"].update(budget={"latency_ms": 5.0, "target": "onnxruntime-cpu",
+                                                 "precision": "fp32", "batch": 64}),
+         r"student_slim\.widths: 'round_to': a latency budget"),
+        (lambda raw: raw["latency"].update(target="torch-cpu"),
+         r"latency\.target: 'torch-cpu' runs checkpoint files"),
+        (lambda raw: raw["latency"].update(select_batch=8),
+         r"latency\.select_batch: 8 is not one of latency\.batch_sizes"),
         (lambda raw: raw["weight"].update(sparsity=1.0),
          r"weight\.sparsity: Input should be less than 1"),
         (lambda raw: raw["weight"].update(sparsity=-0.1),

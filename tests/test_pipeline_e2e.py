@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "stages", "targets", "dvc.yaml", "params.yaml", ".dvc/config",
                  ".dvcignore", ".gitignore", "pyproject.toml"]
 OUTPUT_DIRS = ["models", "metrics", "artifacts", "plots", "reports", "data", "checkpoints",
-               "resolved"]
+               "resolved", "latency"]
 METHODS = ("pdd", "kddp", "prune_then_kd", "sdap", "netslim", "weight")  # the smoke profile's
 
 pytestmark = pytest.mark.slow
@@ -37,8 +37,8 @@ def stages_run(result: subprocess.CompletedProcess) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", result.stdout))
 
 
-# What consumes every model: the benchmarks, the engine stages and the report.
-EVERY_MODELS_STAGES = re.compile(r"(benchmark|engine)@.+|report")
+# What consumes every model: the benchmarks, the engine stages, the latency model and the report.
+EVERY_MODELS_STAGES = re.compile(r"(benchmark|engine)@.+|report|latency_model")
 
 
 def snapshot(workdir: Path) -> dict[str, bytes]:
@@ -200,6 +200,25 @@ def test_smoke_repro_benchmarks_every_target_and_reports(smoke_repo):
         assert (smoke_repo / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_smoke_repro_measures_a_latency_table_and_checks_its_model(smoke_repo):
+    """The real table stage on ONNX Runtime CPU (a tiny grid), the plan pruning reads, and the
+    latency model against every shipped model's measured latency."""
+    built = json.loads((smoke_repo / "metrics" / "latency_table.json").read_text())
+    assert built["status"] == "ok" and built["rows"] > 0, built
+    assert built["target"] == "onnxruntime-cpu"
+    plan = json.loads((smoke_repo / "latency" / "budget.json").read_text())
+    assert plan["budget"] == {"macs": 0.5} and plan["table"] is None  # a MACs budget
+    checked = json.loads((smoke_repo / "metrics" / "latency_model.json").read_text())
+    assert checked["status"] == "ok", checked
+    part = checked["batch"]["1"]
+    assert set(part["models"]) == set(MODELS)
+    for row in part["models"].values():
+        assert row["predicted_ms"] > 0 and row["measured_ms"] > 0
+    assert set(part["speedup_over_dense"]) == set(METHODS)
+    report = (smoke_repo / "reports" / "report.md").read_text()
+    assert "## Latency model" in report and "| student_final_pdd |" in report
+
+
 ENGINE_STAGES = [f"{target}-{precision}" for target in ("tensorrt", "ssh-tensorrt")
                  for precision in ("fp32", "fp16", "int8")]
 
@@ -335,7 +354,7 @@ def set_param(path: Path, keys: tuple, value) -> None:
      # A base value the active profile overrides must be valid too.
      (("data", "synthetic_test"), 0, "data.synthetic_test"),
      # Bad pruning settings are refused before any method's outputs are deleted.
-     (("prune", "target_macs"), 1.5, "prune.target_macs"),
+     (("prune", "budget"), {"macs": 1.5}, "prune.budget"),
      (("weight", "sparsity"), 1.0, "weight.sparsity"),
      (("prune", "methods"), ["pdd", "magic"], "prune.methods")],
 )

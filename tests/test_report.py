@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.comparison import collect, cost_table, efficiency, latency_table, retained
-from pipeline.config import BenchmarkConfig, PruneConfig, ReportConfig, TimingPlan
+from pipeline.config import BenchmarkConfig, MacsBudget, PruneConfig, ReportConfig, TimingPlan
 from pipeline.report import (
     ReportError,
     fastest_table,
@@ -89,6 +89,31 @@ def test_no_comparable_rows_is_said_plainly():
     assert "cannot be said" in sentence
 
 
+def _compared(predicted: float, measured: float) -> dict:
+    return {"predicted_ms": predicted, "measured_ms": measured,
+            "rel_err": (predicted - measured) / measured}
+
+
+LATENCY_MODEL = {  # what stages/latency_model.py writes, for one batch size
+    "status": "ok", "target": "onnxruntime-cpu", "precision": "fp32", "budget": {"macs": 0.5},
+    "batch": {"1": {
+        "models": {"teacher": _compared(9.0, 10.0), "student_dense": _compared(4.0, 4.0),
+                   "student_final_pdd": _compared(2.0, 2.5)},
+        "calibration_networks_loo": {"sweep_w8": {"loo_predicted_ms": 1.0, "measured_ms": 1.1,
+                                                  "rel_err": -0.0909}},
+        "median_abs_rel_err": 0.09, "max_abs_rel_err": 0.2, "networks": 4,
+        "interpolation": {"n": 2, "median_abs_rel_err": 0.3, "max_abs_rel_err": 0.5},
+        "speedup_over_dense": {"pdd": {"macs": 2.0, "table": 2.0, "measured": 1.6}}}}}
+
+
+def test_a_skipped_latency_model_says_why():
+    from pipeline.report import latency_model_section
+
+    lines = latency_model_section({"status": "skipped", "target": "ssh-onnxruntime",
+                                   "reason": "no host configured"})
+    assert "Not measured on ssh-onnxruntime: no host configured" in lines
+
+
 def test_stage_writes_report_and_charts(tmp_path):
     targets = ("onnxruntime-cpu", "torch-cpu", "torch-cuda", "ssh-onnxruntime")
     for target in targets:
@@ -100,9 +125,12 @@ def test_stage_writes_report_and_charts(tmp_path):
                                 batch_sizes=(1,), eval_images=0,
                                 timing=TimingPlan(warmup_iters=0, warmup_seconds=0.0,
                                                   min_iters=1, min_seconds=0.0))
-    prune = PruneConfig(methods=("pdd",), target_macs=0.5)
+    prune = PruneConfig(methods=("pdd",), budget=MacsBudget(macs=0.5))
+    (tmp_path / "latency_model.json").write_text(json.dumps(LATENCY_MODEL))
     paths = run(Settings(benchmark, prune, SETTINGS), tmp_path, tmp_path / "reports")
     text = paths["report"].read_text()
+    assert "## Latency model" in text and "| student_final_pdd | 2.000 | 2.500 | -20.0 % |" in text
+    assert "| pdd | 2.00x | 2.00x | 1.60x |" in text
     assert text.startswith("# Benchmark report")
     assert "Pruning paid off" in text and "![latency per target](latency.png)" in text
     assert "## Method comparison" in text and "a common kept-MACs target of 0.50" in text

@@ -34,7 +34,7 @@ BUILD = TensorRtSettings(device=0, min_batch=1, opt_batch=16, max_batch=16, work
 LIMITS = EngineConfig(models=(), parity_images=48, fp32_max_rel_diff=1e-3,
                       fp16=EngineParityLimits(min_top1_agreement=0.9, max_top1_drop=10.0),
                       int8=EngineParityLimits(min_top1_agreement=0.5, max_top1_drop=50.0))
-SETTINGS = Settings(LIMITS, PruneConfig(methods=("pdd",), target_macs=None), BUILD, RUNTIME)
+SETTINGS = Settings(LIMITS, PruneConfig(methods=("pdd",), budget=None), BUILD, RUNTIME)
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 

@@ -38,10 +38,11 @@ def gated_checkpoint(tmp_path):
     settings = slim_stage.Settings(
         common=RunConfig(seed=0, device="cpu", threads=0, distributed=ONE_PROCESS,
                          profile="smoke"),
-        student_slim=SlimConfig(round_to=8, check_images=128, tolerance=1e-4))
+        student_slim=SlimConfig(round_to=8, widths="round_to", check_images=128,
+                                tolerance=1e-4))
     paths = slim_stage.Paths("pdd", dataset=tmp_path / "prepared.npz",
                              pruned=tmp_path / "gated.pt", model=tmp_path / "slim.pt",
-                             metrics=tmp_path / "slim.json")
+                             metrics=tmp_path / "slim.json", width_plan=tmp_path / "plan.json")
     return settings, paths
 
 
@@ -60,8 +61,8 @@ def test_a_non_exact_slimming_fails_the_stage_and_writes_nothing(gated_checkpoin
     params, paths = gated_checkpoint
     real_slim = slim_stage.slim
 
-    def perturbed_slim(gated, round_to, verify):
-        model, spec = real_slim(gated, round_to, verify=verify)
+    def perturbed_slim(gated, round_to, **options):
+        model, spec = real_slim(gated, round_to, **options)
         with torch.no_grad():
             model.fc.bias.add_(1.0)
         return model, spec
@@ -70,6 +71,48 @@ def test_a_non_exact_slimming_fails_the_stage_and_writes_nothing(gated_checkpoin
     with pytest.raises(ParityError, match=r"gated vs slimmed: .*relative .* > tolerance"):
         slim_stage.run(params, paths)
     assert not paths.model.exists() and not paths.metrics.exists()
+
+
+def fake_table(batch: int):
+    """A latency table of the resnet20 student on the fake clock, calibrated at `batch`."""
+    from latency_fakes import OVERHEAD_MS, fake_timer, network_ms
+
+    from pipeline.latency.table import LatencyTable, fit_calibration, needed_rows
+    from pipeline.latency.units import named_units
+
+    def units(width):
+        return [u for _, u in named_units(build_model({"arch": "resnet20", "base_width": width}),
+                                          (3, 32, 32))]
+
+    table = LatencyTable.build({"target": "fake"}, {batch: OVERHEAD_MS},
+                               needed_rows(units(16), 8), fake_timer(batch), 8)
+    nets = {w: units(w) for w in (4, 8, 16)}
+    table.calibration = fit_calibration({batch: {w: table.network_sum(u) for w, u in
+                                                 nets.items()}},
+                                        {batch: {w: network_ms(u, batch) for w, u in
+                                                 nets.items()}}, table.overhead_ms)
+    return table
+
+
+def test_widths_by_table_are_the_fastest_at_or_above_the_kept_channels(gated_checkpoint):
+    from dataclasses import replace
+
+    from pipeline.io import write_json
+    from pipeline.latency.table import grid_widths
+    from pipeline.prune.latency import plan_document
+
+    settings, paths = gated_checkpoint
+    write_json(paths.width_plan, plan_document(fake_table(8), 8, widths="table"))
+    settings = replace(settings, student_slim=replace(settings.student_slim, widths="table"))
+    metrics = slim_stage.run(settings, paths)
+    assert metrics["widths_by"] == "table" and metrics["rel_diff"] <= 1e-4
+    kept = read_checkpoint(paths.pruned)["meta"]  # the gates' open channels, per group
+    gated, _, _ = slim_stage.load_gated(paths.pruned, "cpu")
+    for key, open_channels in gated.kept_channels().items():
+        width = metrics["group_widths"][key]
+        assert width >= open_channels and width in grid_widths(gated.group_widths()[key], 8)
+    assert kept["pruning"]["method"] == "pdd"
+    assert metrics["predicted_ms"] <= 1.01 * metrics["predicted_ms_round_to_8"]
 
 
 def test_the_weight_methods_sparse_student_passes_through_unchanged(gated_checkpoint):

@@ -6,9 +6,9 @@ channel, indexed like the group's gate vector) and turns the scores into a keep 
 the gates. Two ways to decide:
 
 - a rule of the method's own (a threshold, a ratio): `masks_at_threshold`, `masks_at_ratio`;
-- a kept-MACs target shared by every method (`prune.target_macs`): `select_at_target` finds the
-  largest network whose MACs are at most the target, by binary search over one global threshold,
-  then re-opens blocks of channels greedily while they still fit.
+- a kept-MACs target shared by every method (`prune.budget: {macs: f}`): `select_at_target`
+  finds the largest network whose MACs are at most the target, by binary search over one global
+  threshold, then re-opens blocks of channels greedily while they still fit.
 
 Widths are rounded up to multiples of `round_to` *inside* the decision, and the extra channels
 are kept open: the network that is priced is the network that ships (the slim stage then adds

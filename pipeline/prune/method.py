@@ -28,6 +28,7 @@ from pipeline.distill import FrozenTeacher
 from pipeline.models.resnet_cifar import ZeroPadShortcut
 from pipeline.prune.budget import Decision, Masks, Scores, macs_fraction, select_at_target
 from pipeline.prune.gates import GatedModel, attach_gates
+from pipeline.prune.latency import LatencyCost, LatencyPlan, select_at_latency
 from pipeline.students import distillation_loss_fn
 from pipeline.training import EpochHook, EpochStartHook, FitResult, LossFn, TrainingRun, fit
 
@@ -51,6 +52,12 @@ class PruneJob:
     checkpoint: Path  # the phase's resume checkpoint
     fingerprint: str  # settings, data, code, teacher and method settings: resume only if equal
     title: str
+    latency: LatencyPlan | None = None  # a latency budget (prune.budget.latency_ms) instead
+
+    @property
+    def has_budget(self) -> bool:
+        """A common budget (MACs or latency) is set, not each method's own size."""
+        return self.target_macs is not None or self.latency is not None
 
     def gate(self, model: nn.Module) -> GatedModel:
         """Gates on every channel group of `model` (logits drawn from the run's seed)."""
@@ -104,6 +111,8 @@ def decide(gated: GatedModel, scores: Scores, job: PruneJob, own: Masks,
     """Write the keep decision: at the common target when one is set, else the method's own
     (`own`). Returns the decision summary and, in target mode, the own-size masks as an
     alternative to report."""
+    if job.latency is not None:
+        return _decide_at_latency(gated, scores, job.latency, fixed, details), {"own size": own}
     if job.target_macs is None:
         gated.set_keep(own, scores)
         return {"mode": "own size", "macs_fraction": macs_fraction(gated, own),
@@ -114,6 +123,17 @@ def decide(gated: GatedModel, scores: Scores, job: PruneJob, own: Masks,
                "macs_fraction": chosen.macs_fraction, "threshold": chosen.threshold,
                "top_up_blocks": chosen.top_up_blocks, "kept": chosen.kept(), **details}
     return summary, {"own size": own}
+
+
+def _decide_at_latency(gated: GatedModel, scores: Scores, plan: LatencyPlan,
+                       fixed: frozenset[str], details: dict[str, Any]) -> dict[str, Any]:
+    chosen = select_at_latency(LatencyCost(gated, plan.table, plan.batch), scores,
+                               plan.budget_ms, fixed)
+    gated.set_keep(chosen.masks, scores)
+    return {"mode": "latency", "latency_budget_ms": plan.budget_ms, "batch": plan.batch,
+            "predicted_ms": chosen.predicted_ms, "knapsack_steps": chosen.steps,
+            "macs_fraction": macs_fraction(gated, chosen.masks), "kept": chosen.widths,
+            **details}
 
 
 def _kept(masks: Masks) -> dict[str, int]:

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.config import PddConfig
 from pipeline.prune.gates import GatedModel, count_flips, macs_penalty
+from pipeline.prune.latency import LatencyCost, latency_penalty
 from pipeline.prune.method import PruneJob, PruneOutcome, decide
 
 
@@ -42,16 +43,21 @@ class Method:
     def __init__(self, settings: PddConfig) -> None:
         self.settings = settings
 
-    def budget_penalty(self, gated: GatedModel):
+    def budget_penalty(self, gated: GatedModel, job: PruneJob):
+        """flops_weight x relu(kept MACs fraction - flops_target); with a latency budget,
+        flops_weight x relu(the table's expected ms / the budget - 1) instead."""
         cfg = self.settings
         if cfg.flops_weight == 0:
             return None
+        if job.latency is not None:
+            cost = LatencyCost(gated, job.latency.table, job.latency.batch)
+            return lambda: cfg.flops_weight * latency_penalty(cost, job.latency.budget_ms)
         return lambda: cfg.flops_weight * macs_penalty(gated, cfg.flops_target)
 
     def prune(self, job: PruneJob) -> PruneOutcome:
         gated = job.gate(job.student)
         monitor = GateMonitor(gated)
-        result = job.fit(gated, job.kd_loss(self.budget_penalty(gated)), param_groups=[
+        result = job.fit(gated, job.kd_loss(self.budget_penalty(gated, job)), param_groups=[
             {"params": list(gated.model.parameters())},
             {"params": gated.gate_parameters(), "lr": self.settings.gate_lr,
              "weight_decay": 0.0}],
@@ -61,7 +67,7 @@ class Method:
         with torch.no_grad():
             own = {key: vector.bool().cpu() for key, vector in gated.gate_vectors().items()}
             logits = {key: gated.gate(key).logits.detach().cpu() for key in gated.group_keys}
-        if job.target_macs is None:  # keep the trained logits exactly as they are
+        if not job.has_budget:  # keep the trained logits exactly as they are
             return PruneOutcome(gated, result, {
                 "mode": "own size", "macs_fraction": gated.summary()["macs_fraction"],
                 "kept": gated.kept_channels(), **flips})

@@ -1,0 +1,235 @@
+"""latency_table stage: per-layer latency rows on latency.target, and the calibrated model.
+
+Measures, through the target's own build/load/benchmark path (targets.latency_probe), one
+ONNX probe per table row: every conv of the student over the grid of candidate widths
+(latency.width_step), every residual add + ReLU, and the exact rows of the teacher. It then
+measures whole networks that need no training (the teacher's and the student's architecture,
+and the student at each of latency.sweep_widths, all with random weights), fits the latency
+model (c0 + alpha x the sum of rows, per batch size) on them, and reports each network's
+leave-one-out error. Held-out off-grid rows show how far interpolation between grid rows is off.
+Writes latency/table.json and metrics/latency_table.json. A target that cannot run here gives a
+table with status "skipped" and the reason.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import DataConfig, DistillConfig, ExportConfig, LatencyConfig, TeacherConfig
+from pipeline.errors import ConfigError, ModelError, TargetUnavailable
+from pipeline.export.onnx_export import export_onnx, save_onnx
+from pipeline.export.simplify import simplify
+from pipeline.io import write_json
+from pipeline.latency.probes import empty_probe
+from pipeline.latency.table import (
+    LatencyTable,
+    Row,
+    conv_row,
+    error_summary,
+    fit_calibration,
+    grid_widths,
+    holdout_widths,
+    needed_rows,
+    unit_rows,
+)
+from pipeline.latency.units import Unit, named_units
+from pipeline.models import build_model
+from stages._cli import RESOLVED, load_settings, run_main
+from stages._targets import load_target
+from targets.base import Target
+from targets.latency_probe import probe_timer, table_key, time_onnx, unsupported
+
+log = logging.getLogger("latency_table")
+RUNS_TARGET = "latency.target"  # dvc.yaml: resolved/targets/${latency.target}.json/.code
+
+TABLE = Path("latency/table.json")
+METRICS = Path("metrics/latency_table.json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    latency: LatencyConfig
+    teacher: TeacherConfig  # its architecture: exact rows, and a calibration network
+    distill: DistillConfig  # the student's architecture: the grid
+    data: DataConfig  # the input size
+    export: ExportConfig  # how calibration networks are exported (as the export stage does)
+
+
+def input_shape(data: DataConfig) -> tuple[int, int, int]:
+    size = data.image_size if data.dataset == "imagefolder" else 32
+    return (3, size, size)
+
+
+@dataclass
+class Network:
+    name: str
+    model: nn.Module
+    units: list[Unit] = field(default_factory=list)
+
+
+def random_network(spec: dict[str, Any], shape: tuple[int, ...], seed: int) -> nn.Module:
+    """A model of `spec` with random weights and BatchNorm statistics (dense fp32 latency does
+    not depend on the values), in eval mode."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model.eval()
+
+
+def calibration_networks(s: Settings, shape: tuple[int, ...]) -> list[Network]:
+    """The teacher's and student's architectures, and the student at each sweep width."""
+    nets = [Network("teacher_arch", random_network({"arch": s.teacher.arch}, shape, 0)),
+            Network("student_arch", random_network({"arch": s.distill.student_arch}, shape, 0))]
+    for width in s.latency.sweep_widths:
+        spec = {"arch": s.distill.student_arch, "base_width": width}
+        try:
+            model = random_network(spec, shape, width)
+        except ModelError as err:
+            raise ConfigError(f"latency.sweep_widths: {s.distill.student_arch} has no base "
+                              f"width to sweep ({err}); set latency.sweep_widths: []") from err
+        nets.append(Network(f"sweep_w{width}", model))
+    for net in nets:
+        net.units = [unit for _, unit in named_units(net.model, shape)]
+    unique: dict[tuple[Unit, ...], Network] = {}
+    for net in nets:  # a sweep width equal to the student's is the same network
+        unique.setdefault(tuple(net.units), net)
+    return list(unique.values())
+
+
+def holdout_rows(student: list[Unit], width_step: int, count: int) -> list[tuple[Unit, Row]]:
+    """Off-grid (cin, cout) rows of the student's conv shapes, spread over the shapes."""
+    picks: list[tuple[Unit, Row]] = []
+    shapes = list({u.family(): u for u in student if u.groups == 1}.values())
+    per_shape = max(1, -(-count // max(len(shapes), 1)))
+    for unit in shapes:
+        cins = holdout_widths(grid_widths(unit.cin, width_step), per_shape) or [unit.cin]
+        couts = holdout_widths(grid_widths(unit.cout, width_step), per_shape)
+        for cin, cout in zip(cins * len(couts), couts, strict=False):
+            shaped = Unit(unit.h, cin, cout, unit.stride, unit.k)
+            picks.append((shaped, conv_row(shaped, cin, cout)))
+    return picks[:count]
+
+
+def measure_holdout(table: LatencyTable, picks: list[tuple[Unit, Row]],
+                    timer) -> list[dict[str, Any]]:
+    """Each held-out row measured, then compared with the interpolation of the grid rows."""
+    results = []
+    for unit, row in picks:
+        if row.key in table.rows:  # measured already (another network's exact row)
+            continue
+        interpolated = table.interpolate_conv(unit)
+        table.ensure([row], timer)
+        measured = table.rows[row.key]
+        results.append({"row": row.key, "measured_ms": measured,
+                        "interpolated_ms": interpolated,
+                        "rel_err": (interpolated - measured) / measured if measured else 0.0})
+    return results
+
+
+def time_network(target: Target, net: Network, s: Settings, shape: tuple[int, ...],
+                 folder: Path) -> dict[int, float]:
+    proto = export_onnx(net.model, shape, s.export.opset)
+    proto, _ = simplify(proto, s.export.simplifier)
+    path = save_onnx(proto, folder / f"{net.name}.onnx")
+    return time_onnx(target, path, s.latency.batch_sizes, s.latency.timing,
+                     s.latency.network_sessions)[0]
+
+
+def build(s: Settings, target: Target, work: Path) -> tuple[LatencyTable, dict[str, Any]]:
+    lat, started = s.latency, time.perf_counter()
+    shape = input_shape(s.data)
+    nets = calibration_networks(s, shape)
+    student = next(n for n in nets if n.name == "student_arch").units
+    rows = needed_rows(student, lat.width_step)
+    rows.update((row.key, row) for net in nets for unit in net.units for row in unit_rows(unit))
+    row_batch = max(lat.batch_sizes)
+    log.info("%s: measuring %d rows at batch size %d", target.name, len(rows), row_batch)
+    overhead, info = time_onnx(target, _save_empty(work), lat.batch_sizes, lat.timing,
+                               lat.network_sessions)
+    key = table_key(target, lat.batch_sizes, lat.timing, info["device"])
+    with probe_timer(target, row_batch, lat.timing, lat.probe_sessions) as timer:
+        table = LatencyTable.build(key, overhead, rows, timer, lat.width_step)
+        rows_seconds = time.perf_counter() - started
+        holdout = measure_holdout(table, holdout_rows(student, lat.width_step, lat.holdout),
+                                  timer)
+    measured = {b: {} for b in lat.batch_sizes}
+    sums = {b: {} for b in lat.batch_sizes}
+    for net in nets:
+        times = time_network(target, net, s, shape, work)
+        for batch in lat.batch_sizes:
+            measured[batch][net.name] = times[batch]
+            sums[batch][net.name] = table.network_sum(net.units)
+    table.calibration = fit_calibration(sums, measured, table.overhead_ms)
+    table.extra = {"status": "ok", "runtime_info": info["runtime_info"],
+                   "networks": {n.name: [u.as_dict() for u in n.units] for n in nets},
+                   "holdout": holdout, "build_seconds": {
+                       "rows": rows_seconds, "total": time.perf_counter() - started}}
+    return table, summary(table, holdout)
+
+
+def _save_empty(work: Path) -> Path:
+    return save_onnx(empty_probe(), work / "empty.onnx")
+
+
+def summary(table: LatencyTable, holdout: list[dict[str, Any]]) -> dict[str, Any]:
+    calibration = table.calibration
+    per_batch = {}
+    for batch in table.batch_sizes:
+        nets = calibration.networks[batch]
+        per_batch[str(batch)] = {
+            "c0_ms": calibration.c0[batch], "alpha": calibration.alpha[batch],
+            "empty_call_ms": table.overhead_ms[batch],
+            "calibration_loo": error_summary(n["rel_err"] for n in nets.values())}
+    return {"status": "ok", "target": table.key["target"], "rows": len(table.rows),
+            "row_batch": table.row_batch, "build_seconds": table.extra["build_seconds"],
+            "interpolation": error_summary(h["rel_err"] for h in holdout), "batch": per_batch}
+
+
+def run(s: Settings, target: Target, table_path: Path = TABLE, metrics_path: Path = METRICS,
+        work: Path | None = None) -> dict[str, Any]:
+    import tempfile
+
+    reason = unsupported(target) or target.available()[1]
+    if not reason:
+        with tempfile.TemporaryDirectory(prefix="latency-table-") as folder:
+            try:
+                table, metrics = build(s, target, Path(work or folder))
+                write_json(table_path, table.as_dict())
+                write_json(metrics_path, metrics)
+                return metrics
+            except TargetUnavailable as err:
+                reason = str(err)
+    log.warning("latency tables skipped on %s: %s", target.name, reason)
+    skipped = {"status": "skipped", "target": target.name, "reason": reason}
+    write_json(table_path, skipped)
+    write_json(metrics_path, skipped)
+    return skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolved", type=Path, default=RESOLVED)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        settings = load_settings(Settings, args.resolved)
+        run(settings, load_target(settings.latency.target, args.resolved))
+
+    run_main(body)
+
+
+if __name__ == "__main__":
+    main()

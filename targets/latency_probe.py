@@ -1,0 +1,88 @@
+"""Timing latency-table probes and whole networks on a target, through the one measuring path.
+
+A probe (pipeline.latency.probes) is saved as an ONNX file and measured with targets.measure,
+like any shipped model: SSH devices and every later ONNX runtime time probes with no code of
+their own. Latency tables are measured in fp32 on targets that start from ONNX files.
+"""
+
+import platform
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from pipeline.errors import PipelineError, TargetUnavailable
+from pipeline.latency.table import TimeProbe
+from pipeline.provenance import cpu_model
+from pipeline.timing import TimingPlan
+from targets.base import Target, TensorSpec
+from targets.measure import measure
+
+TABLE_PRECISION = "fp32"
+
+
+def random_feeds(spec: TensorSpec, batch: int) -> dict[str, np.ndarray]:
+    shape = (batch, *spec.shape[1:])
+    return {spec.name: np.random.default_rng(0).standard_normal(shape).astype(spec.dtype)}
+
+
+def unsupported(target: Target) -> str:
+    """Why latency tables cannot be measured on `target`, or "" when they can."""
+    if target.source != "onnx":
+        return (f"target {target.name!r} starts from {target.source} files; latency tables are "
+                "measured with ONNX probes on targets that run ONNX files")
+    return ""
+
+
+def time_onnx(target: Target, path: Path, batch_sizes: Sequence[int], plan: TimingPlan,
+              sessions: int = 1) -> tuple[dict[int, float], dict[str, Any]]:
+    """(median ms per batch size, the device/runtime info) of one ONNX file; with `sessions`
+    > 1, the fastest of that many sessions' medians: a whole session can run in a slow mode
+    (thread placement) on a small VM, and no session runs faster than the machine can."""
+    runs = []
+    for _ in range(sessions):
+        rows = measure(target, path, batch_sizes, plan, random_feeds, precision=TABLE_PRECISION)
+        bad = [row for row in rows if row["status"] != "ok"]
+        if bad and bad[0]["status"] == "skipped":
+            raise TargetUnavailable(bad[0]["reason"])
+        if bad:
+            raise PipelineError(f"timing {path.name} on {target.name} failed: "
+                                f"{bad[0]['reason']}")
+        runs.append({row["batch_size"]: row["p50_ms"] for row in rows})
+    info = {"device": rows[0].get("device"), "runtime_info": rows[0].get("runtime_info")}
+    return {b: min(run[b] for run in runs) for b in batch_sizes}, info
+
+
+@contextmanager
+def probe_timer(target: Target, batch: int, plan: TimingPlan,
+                sessions: int = 1) -> Iterator[TimeProbe]:
+    """A TimeProbe for LatencyTable.build/ensure: saves each probe to a temp file and times it
+    at `batch` (ms)."""
+    with tempfile.TemporaryDirectory(prefix="latency-probe-") as folder:
+        path = Path(folder) / "probe.onnx"
+
+        def time_probe(probe: onnx.ModelProto) -> float:
+            onnx.save(probe, str(path))
+            return time_onnx(target, path, [batch], plan, sessions)[0][batch]
+
+        yield time_probe
+
+
+def table_key(target: Target, batch_sizes: Sequence[int], plan: TimingPlan,
+              device: dict[str, Any] | None) -> dict[str, Any]:
+    """What a table's rows are valid for: the same key means the same machine and settings."""
+    return {"target": target.name, "runtime": target.runtime(),
+            "device": device or {"cpu": cpu_model(), "machine": platform.machine()},
+            "threads": target.threads, "precision": TABLE_PRECISION,
+            "settings": _plain(target.settings), "batch_sizes": list(batch_sizes),
+            "plan": _plain(plan), "probe_format": 1}
+
+
+def _plain(obj: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else obj
