@@ -32,6 +32,9 @@ from pipeline.latency.units import Unit, add_key, conv_key
 
 FORMAT = "prune-deploy/latency-table/1"
 SMALL_STEP = 4  # grid step below width_step: narrow groups have few channels to choose from
+# A baseline (a lead-in conv) is subtracted from every row of its input shape, so its error
+# would shift them all: it is timed this many times as often as a row, the fastest kept.
+BASELINE_REPEATS = 2
 
 # probe model -> ms at the table's row batch size; targets/latency_probe.py times it on a target
 TimeProbe = Callable[[onnx.ModelProto], float]
@@ -210,15 +213,15 @@ class LatencyTable:
         todo = {row.key: row for row in rows if row.key not in self.rows}
         for key in sorted(todo):
             row = todo[key]
-            base = (self._probe_time(row.baseline, time_probe) if row.baseline
-                    else self.overhead_ms[self.row_batch])
+            base = (self._probe_time(row.baseline, time_probe, BASELINE_REPEATS)
+                    if row.baseline else self.overhead_ms[self.row_batch])
             self.rows[key] = max(0.0, self._probe_time(row, time_probe) - base)
         return len(todo)
 
-    def _probe_time(self, row: Row, time_probe: TimeProbe) -> float:
-        """A probe's raw time, measured once per table (baselines are shared by many rows)."""
+    def _probe_time(self, row: Row, time_probe: TimeProbe, repeats: int = 1) -> float:
+        """A probe's raw time (the fastest of `repeats` timings), measured once per table."""
         if row.key not in self.probe_ms:
-            self.probe_ms[row.key] = time_probe(row.probe())
+            self.probe_ms[row.key] = min(time_probe(row.probe()) for _ in range(repeats))
         return self.probe_ms[row.key]
 
     # ------------------------------------------------------------------ lookups
