@@ -417,8 +417,9 @@ class LatencyConfig:
     sweep_widths: tuple[PositiveInt, ...]  # student base widths measured whole (calibration)
     holdout: NonNegativeInt  # off-grid rows measured to report the interpolation error
     timing: TimingPlan  # per probe and per whole network, in each session
-    probe_sessions: PositiveInt  # each probe: the fastest of this many sessions' medians
-    network_sessions: PositiveInt  # each whole network: the fastest of this many
+    probe_sessions: PositiveInt  # each probe: the fastest of this many sessions' medians, one
+    # session per pass over all probes
+    network_sessions: PositiveInt  # each whole network: the same, over the networks
 
 
 @dataclass(frozen=True, config=STRICT)

@@ -3,7 +3,8 @@
 For the teacher, the dense student and every method's pruned student: the latency the table
 predicts (c0 + alpha x the sum of the model's exact rows; rows a pruned width needs and the
 table lacks are measured now) against the latency measured on the target, from the exported fp32
-ONNX file (median of latency.network_sessions sessions, after checking the file's card). The
+ONNX file (the fastest of latency.network_sessions sessions' medians, one session per pass
+through all models, after checking each file's card). The
 calibration networks of the latency_table stage (architectures and width sweep, random weights)
 are reported with their leave-one-out error. For each pruned student, the speed-up over the dense
 student predicted by MACs, predicted by the table and measured; with a latency budget, the
@@ -27,7 +28,7 @@ from pipeline.latency.units import named_units
 from stages._cli import RESOLVED, load_settings, run_main
 from stages._targets import load_target
 from targets.base import Target
-from targets.latency_probe import probe_timer, time_onnx
+from targets.latency_probe import probe_timer, time_in_passes
 
 RUNS_TARGET = "latency.target"  # dvc.yaml: resolved/targets/${latency.target}.json/.code
 
@@ -63,15 +64,13 @@ def trained_rows(s: Settings, table: LatencyTable, target: Target, paths: Paths,
         verified_card(onnx_file)  # the file is the one the export stage wrote
         found[model] = (units, loaded.meta["macs"], onnx_file)
     rows = [row for units, _, _ in found.values() for unit in units for row in unit_rows(unit)]
-    with probe_timer(target, table.row_batch, s.latency.timing,
-                     s.latency.probe_sessions) as timer:
-        measured_rows = table.ensure(rows, timer)
-    results = {}
-    for model, (units, macs, onnx_file) in found.items():
-        measured, _ = time_onnx(target, onnx_file, table.batch_sizes, s.latency.timing,
-                                s.latency.network_sessions)
-        results[model] = {"macs": macs, "batch": {
-            str(b): _compare(table.predict_ms(units, b), measured[b]) for b in table.batch_sizes}}
+    with probe_timer(target, table.row_batch, s.latency.timing) as timer:
+        measured_rows = table.ensure(rows, timer, s.latency.probe_sessions)
+    measured = time_in_passes(target, {model: onnx for model, (_, _, onnx) in found.items()},
+                              table.batch_sizes, s.latency.timing, s.latency.network_sessions)
+    results = {model: {"macs": macs, "batch": {
+        str(b): _compare(table.predict_ms(units, b), measured[b][model])
+        for b in table.batch_sizes}} for model, (units, macs, _) in found.items()}
     return {"models": results, "rows_measured_now": measured_rows}
 
 

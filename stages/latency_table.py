@@ -42,7 +42,7 @@ from pipeline.models import build_model
 from stages._cli import RESOLVED, load_settings, run_main
 from stages._targets import load_target
 from targets.base import Target
-from targets.latency_probe import probe_timer, table_key, time_onnx, unsupported
+from targets.latency_probe import probe_timer, table_key, time_in_passes, time_onnx, unsupported
 
 log = logging.getLogger("latency_table")
 RUNS_TARGET = "latency.target"  # dvc.yaml: resolved/targets/${latency.target}.json/.code
@@ -121,29 +121,24 @@ def holdout_rows(student: list[Unit], width_step: int, count: int) -> list[tuple
     return picks[:count]
 
 
-def measure_holdout(table: LatencyTable, picks: list[tuple[Unit, Row]],
-                    timer) -> list[dict[str, Any]]:
-    """Each held-out row measured, then compared with the interpolation of the grid rows."""
+def measure_holdout(table: LatencyTable, picks: list[tuple[Unit, Row]], timer,
+                    passes: int) -> list[dict[str, Any]]:
+    """The held-out rows measured, then compared with the interpolation of the grid rows."""
+    picks = [(unit, row) for unit, row in picks if row.key not in table.rows]  # not measured
+    interpolated = [table.interpolate_conv(unit) for unit, _ in picks]  # before they are
+    table.ensure([row for _, row in picks], timer, passes)
     results = []
-    for unit, row in picks:
-        if row.key in table.rows:  # measured already (another network's exact row)
-            continue
-        interpolated = table.interpolate_conv(unit)
-        table.ensure([row], timer)
+    for (_, row), guess in zip(picks, interpolated, strict=True):
         measured = table.rows[row.key]
-        results.append({"row": row.key, "measured_ms": measured,
-                        "interpolated_ms": interpolated,
-                        "rel_err": (interpolated - measured) / measured if measured else 0.0})
+        results.append({"row": row.key, "measured_ms": measured, "interpolated_ms": guess,
+                        "rel_err": (guess - measured) / measured if measured else 0.0})
     return results
 
 
-def time_network(target: Target, net: Network, s: Settings, shape: tuple[int, ...],
-                 folder: Path) -> dict[int, float]:
+def export_network(net: Network, s: Settings, shape: tuple[int, ...], folder: Path) -> Path:
     proto = export_onnx(net.model, shape, s.export.opset)
     proto, _ = simplify(proto, s.export.simplifier)
-    path = save_onnx(proto, folder / f"{net.name}.onnx")
-    return time_onnx(target, path, s.latency.batch_sizes, s.latency.timing,
-                     s.latency.network_sessions)[0]
+    return save_onnx(proto, folder / f"{net.name}.onnx")
 
 
 def build(s: Settings, target: Target, work: Path) -> tuple[LatencyTable, dict[str, Any]]:
@@ -155,21 +150,21 @@ def build(s: Settings, target: Target, work: Path) -> tuple[LatencyTable, dict[s
     rows.update((row.key, row) for net in nets for unit in net.units for row in unit_rows(unit))
     row_batch = max(lat.batch_sizes)
     log.info("%s: measuring %d rows at batch size %d", target.name, len(rows), row_batch)
-    overhead, info = time_onnx(target, _save_empty(work), lat.batch_sizes, lat.timing,
-                               lat.network_sessions)
+    overhead = time_in_passes(target, {"empty": _save_empty(work)}, lat.batch_sizes,
+                              lat.timing, lat.network_sessions)
+    overhead = {batch: by_name["empty"] for batch, by_name in overhead.items()}
+    _, info = time_onnx(target, work / "empty.onnx", lat.batch_sizes, lat.timing)
     key = table_key(target, lat.batch_sizes, lat.timing, info["device"])
-    with probe_timer(target, row_batch, lat.timing, lat.probe_sessions) as timer:
-        table = LatencyTable.build(key, overhead, rows, timer, lat.width_step)
+    with probe_timer(target, row_batch, lat.timing) as timer:
+        table = LatencyTable.build(key, overhead, rows, timer, lat.width_step,
+                                   lat.probe_sessions)
         rows_seconds = time.perf_counter() - started
         holdout = measure_holdout(table, holdout_rows(student, lat.width_step, lat.holdout),
-                                  timer)
-    measured = {b: {} for b in lat.batch_sizes}
-    sums = {b: {} for b in lat.batch_sizes}
-    for net in nets:
-        times = time_network(target, net, s, shape, work)
-        for batch in lat.batch_sizes:
-            measured[batch][net.name] = times[batch]
-            sums[batch][net.name] = table.network_sum(net.units)
+                                  timer, lat.probe_sessions)
+    files = {net.name: export_network(net, s, shape, work) for net in nets}
+    measured = time_in_passes(target, files, lat.batch_sizes, lat.timing, lat.network_sessions)
+    sums = {b: {net.name: table.network_sum(net.units) for net in nets}
+            for b in lat.batch_sizes}
     table.calibration = fit_calibration(sums, measured, table.overhead_ms)
     table.extra = {"status": "ok", "runtime_info": info["runtime_info"],
                    "networks": {n.name: [u.as_dict() for u in n.units] for n in nets},

@@ -38,28 +38,36 @@ def unsupported(target: Target) -> str:
     return ""
 
 
-def time_onnx(target: Target, path: Path, batch_sizes: Sequence[int], plan: TimingPlan,
-              sessions: int = 1) -> tuple[dict[int, float], dict[str, Any]]:
-    """(median ms per batch size, the device/runtime info) of one ONNX file; with `sessions`
-    > 1, the fastest of that many sessions' medians: a whole session can run in a slow mode
-    (thread placement) on a small VM, and no session runs faster than the machine can."""
-    runs = []
-    for _ in range(sessions):
-        rows = measure(target, path, batch_sizes, plan, random_feeds, precision=TABLE_PRECISION)
-        bad = [row for row in rows if row["status"] != "ok"]
-        if bad and bad[0]["status"] == "skipped":
-            raise TargetUnavailable(bad[0]["reason"])
-        if bad:
-            raise PipelineError(f"timing {path.name} on {target.name} failed: "
-                                f"{bad[0]['reason']}")
-        runs.append({row["batch_size"]: row["p50_ms"] for row in rows})
+def time_onnx(target: Target, path: Path, batch_sizes: Sequence[int],
+              plan: TimingPlan) -> tuple[dict[int, float], dict[str, Any]]:
+    """(median ms per batch size, the device/runtime info) of one ONNX file in one session."""
+    rows = measure(target, path, batch_sizes, plan, random_feeds, precision=TABLE_PRECISION)
+    bad = [row for row in rows if row["status"] != "ok"]
+    if bad and bad[0]["status"] == "skipped":
+        raise TargetUnavailable(bad[0]["reason"])
+    if bad:
+        raise PipelineError(f"timing {path.name} on {target.name} failed: {bad[0]['reason']}")
     info = {"device": rows[0].get("device"), "runtime_info": rows[0].get("runtime_info")}
-    return {b: min(run[b] for run in runs) for b in batch_sizes}, info
+    return {row["batch_size"]: row["p50_ms"] for row in rows}, info
+
+
+def time_in_passes(target: Target, files: dict[str, Path], batch_sizes: Sequence[int],
+                   plan: TimingPlan, passes: int) -> dict[int, dict[str, float]]:
+    """Batch size -> name -> ms of each ONNX file: the fastest of `passes` sessions' medians,
+    one session per pass through all files. On the 2-core VM a whole session could run in a
+    slow mode (ResNet20 w14 at batch 1: 0.57 ms, once 1.04 ms), and a slow spell of the machine
+    then falls on different files in different passes."""
+    best: dict[int, dict[str, float]] = {b: {} for b in batch_sizes}
+    for _ in range(passes):
+        for name, path in files.items():
+            times, _ = time_onnx(target, path, batch_sizes, plan)
+            for batch in batch_sizes:
+                best[batch][name] = min(times[batch], best[batch].get(name, times[batch]))
+    return best
 
 
 @contextmanager
-def probe_timer(target: Target, batch: int, plan: TimingPlan,
-                sessions: int = 1) -> Iterator[TimeProbe]:
+def probe_timer(target: Target, batch: int, plan: TimingPlan) -> Iterator[TimeProbe]:
     """A TimeProbe for LatencyTable.build/ensure: saves each probe to a temp file and times it
     at `batch` (ms)."""
     with tempfile.TemporaryDirectory(prefix="latency-probe-") as folder:
@@ -67,7 +75,7 @@ def probe_timer(target: Target, batch: int, plan: TimingPlan,
 
         def time_probe(probe: onnx.ModelProto) -> float:
             onnx.save(probe, str(path))
-            return time_onnx(target, path, [batch], plan, sessions)[0][batch]
+            return time_onnx(target, path, [batch], plan)[0][batch]
 
         yield time_probe
 

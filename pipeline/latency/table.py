@@ -33,7 +33,7 @@ from pipeline.latency.units import Unit, add_key, conv_key
 FORMAT = "prune-deploy/latency-table/1"
 SMALL_STEP = 4  # grid step below width_step: narrow groups have few channels to choose from
 # A baseline (a lead-in conv) is subtracted from every row of its input shape, so its error
-# would shift them all: it is timed this many times as often as a row, the fastest kept.
+# would shift them all: it is timed this many times per pass, the fastest kept.
 BASELINE_REPEATS = 2
 
 # probe model -> ms at the table's row batch size; targets/latency_probe.py times it on a target
@@ -201,28 +201,35 @@ class LatencyTable:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, key: dict[str, Any], overhead_ms: dict[int, float], rows: dict[str, Row],
-              time_probe: TimeProbe, width_step: int) -> "LatencyTable":
+              time_probe: TimeProbe, width_step: int, passes: int = 1) -> "LatencyTable":
         """Rows timed by `time_probe` (ms at the largest of overhead_ms's batch sizes)."""
         batches = sorted(overhead_ms)
         table = cls(key, batches, batches[-1], width_step, dict(overhead_ms))
-        table.ensure(rows.values(), time_probe)
+        table.ensure(rows.values(), time_probe, passes)
         return table
 
-    def ensure(self, rows: Iterable[Row], time_probe: TimeProbe) -> int:
-        """Measure the rows not in the table yet; returns how many were measured."""
+    def ensure(self, rows: Iterable[Row], time_probe: TimeProbe, passes: int = 1) -> int:
+        """Measure the rows not in the table yet; returns how many were measured.
+
+        Every probe not timed yet (rows and their baselines) is timed once per pass, pass after
+        pass through all of them, and keeps its fastest time: a slow spell of the machine then
+        falls on different probes in different passes instead of on all timings of one probe.
+        """
         todo = {row.key: row for row in rows if row.key not in self.rows}
+        probes = {**{r.baseline.key: r.baseline for r in todo.values() if r.baseline}, **todo}
+        probes = {key: row for key, row in probes.items() if key not in self.probe_ms}
+        weight = {key: BASELINE_REPEATS if key not in todo else 1 for key in probes}
+        for _ in range(passes):
+            for key in sorted(probes):
+                for _ in range(weight[key]):
+                    ms = time_probe(probes[key].probe())
+                    self.probe_ms[key] = min(ms, self.probe_ms.get(key, ms))
         for key in sorted(todo):
             row = todo[key]
-            base = (self._probe_time(row.baseline, time_probe, BASELINE_REPEATS)
-                    if row.baseline else self.overhead_ms[self.row_batch])
-            self.rows[key] = max(0.0, self._probe_time(row, time_probe) - base)
+            base = (self.probe_ms[row.baseline.key] if row.baseline
+                    else self.overhead_ms[self.row_batch])
+            self.rows[key] = max(0.0, self.probe_ms[key] - base)
         return len(todo)
-
-    def _probe_time(self, row: Row, time_probe: TimeProbe, repeats: int = 1) -> float:
-        """A probe's raw time (the fastest of `repeats` timings), measured once per table."""
-        if row.key not in self.probe_ms:
-            self.probe_ms[row.key] = min(time_probe(row.probe()) for _ in range(repeats))
-        return self.probe_ms[row.key]
 
     # ------------------------------------------------------------------ lookups
     def row_ms(self, key: str) -> float:
