@@ -20,7 +20,6 @@ from typing import Any
 from pipeline.artifacts import artifact_path, final_model
 from pipeline.checkpoint import load_model
 from pipeline.config import BenchmarkConfig, LatencyConfig, PruneConfig, ReportConfig, as_dict
-from pipeline.errors import PipelineError
 from pipeline.export.cards import verified_card
 from pipeline.io import read_json, write_json
 from pipeline.latency.table import LatencyTable, error_summary, unit_rows
@@ -139,11 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolved", type=Path, default=RESOLVED)
     args = parser.parse_args(argv)
 
-    def body() -> None:
+    def body() -> None:  # validate_params checked that report.dense_model is benchmarked
         settings = load_settings(Settings, args.resolved)
-        if settings.report.dense_model not in settings.benchmark.models:
-            raise PipelineError(f"report.dense_model {settings.report.dense_model!r} is not "
-                                "in benchmark.models")
         run(settings, load_target(settings.latency.target, args.resolved), Paths())
 
     run_main(body)

@@ -115,7 +115,8 @@ def holdout_rows(student: list[Unit], width_step: int, count: int) -> list[tuple
     for unit in shapes:
         cins = holdout_widths(grid_widths(unit.cin, width_step), per_shape) or [unit.cin]
         couts = holdout_widths(grid_widths(unit.cout, width_step), per_shape)
-        for cin, cout in zip(cins * len(couts), couts, strict=False):
+        for i, cout in enumerate(couts):  # each off-grid cout with an off-grid cin, in turn
+            cin = cins[i % len(cins)]
             shaped = Unit(unit.h, cin, cout, unit.stride, unit.k)
             picks.append((shaped, conv_row(shaped, cin, cout)))
     return picks[:count]

@@ -80,8 +80,11 @@ def test_adding_methods_runs_their_chains_and_nothing_else_again(smoke_repo):
     assert {f"student_pruned@{m}" for m in written} <= set(ran["first"])
     added = [m for m in METHODS if m not in written]
     assert {f"student_final@{m}" for m in added} <= set(ran["second"])
+    # latency_plan reads the budget from resolved/prune.json, which also lists the methods: it
+    # re-runs in seconds and writes the same files, so nothing after it re-runs.
     again = [stage for stage in ran["second"] if stage in ran["first"] and stage
-             != "validate_params" and not EVERY_MODELS_STAGES.fullmatch(stage)]
+             not in ("validate_params", "latency_plan")
+             and not EVERY_MODELS_STAGES.fullmatch(stage)]
     assert not again, again
 
 
