@@ -34,7 +34,7 @@ from pipeline.io import file_sha256
 from pipeline.models import build_model
 from pipeline.prune.budget import Masks
 from pipeline.prune.gates import GatedModel
-from pipeline.prune.latency import LatencyPlan, read_budget_plan
+from pipeline.prune.latency import LatencyPlan, read_budget_plan, require_priced
 from pipeline.prune.method import PruneJob, PruneOutcome
 from pipeline.prune.registry import make_method, method_module
 from pipeline.prune.slimming import slim
@@ -135,6 +135,8 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
     train_loader, test_loader = ctx.loaders(cfg, seed)
     pruner = make_method(method.name, method.settings)
     latency = latency_plan(method.budget, paths.latency_budget)
+    if latency is not None and pruner.structured:
+        require_priced(student, ctx.input_shape, latency)  # before training, not after
     job = PruneJob(
         student=student, teacher=teacher, train=cfg, distill=settings.distill,
         target_macs=method.budget.target_macs, round_to=method.budget.round_to, seed=seed,

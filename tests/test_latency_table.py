@@ -256,3 +256,13 @@ def test_pruning_refuses_a_skipped_table(tmp_path):
                                          "reason": "no host configured"})
     with pytest.raises(PipelineError, match="no host configured"):
         latency_plan.load_table(tmp_path / "table.json", "prune.budget.latency_ms")
+
+
+def test_a_student_the_table_cannot_price_is_refused_before_training(table):
+    from pipeline.prune.latency import LatencyPlan, require_priced
+
+    plan = LatencyPlan(table, budget_ms=1.0, batch=8)
+    require_priced(resnet(), SHAPE, plan)  # the student the table was built for
+    with pytest.raises(MissingRows) as err:
+        require_priced(resnet(width=24), SHAPE, plan)  # a wider student: rows missing
+    assert any("c24-24" in key for key in err.value.keys)

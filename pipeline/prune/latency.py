@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PruneError
 from pipeline.io import read_json
-from pipeline.latency.table import LatencyTable, bracket, grid_widths
+from pipeline.latency.table import LatencyTable, MissingRows, bracket, grid_widths, needed_rows
 from pipeline.latency.units import Unit, named_units
 from pipeline.prune.gates import GatedModel, _kept
 
@@ -140,6 +140,16 @@ def _linear_add(table: LatencyTable, h: int, channels: torch.Tensor) -> torch.Te
     low, high, _ = bracket(grid, float(channels.detach()))
     weight = (channels - low) / (high - low) if high != low else channels * 0
     return (1 - weight) * points[low] + weight * points[high]
+
+
+def require_priced(student: torch.nn.Module, input_shape: tuple[int, ...],
+                   plan: LatencyPlan) -> None:
+    """Raise MissingRows (naming them) unless the table holds every row the knapsack can reach
+    for this student: checked before training starts, not after it."""
+    units = [unit for _, unit in named_units(student, input_shape)]
+    missing = sorted(set(needed_rows(units, plan.table.width_step)) - set(plan.table.rows))
+    if missing:
+        raise MissingRows(missing)
 
 
 def latency_penalty(cost: LatencyCost, budget_ms: float) -> torch.Tensor:
