@@ -315,3 +315,53 @@ def test_normalize_makes_groups_comparable():
     assert torch.equal(normalize(scores, "mean")["a"], normalize(scores, "mean")["b"])
     masks = masks_at_threshold(normalize(scores, "mean"), 1.0, round_to=1)
     assert masks["a"].tolist() == masks["b"].tolist() == [False, True]
+
+
+# ---------------------------------------------------------------------------- latency budget
+def small_table(batch: int = 8):
+    """A fake-clock latency table (tests/latency_fakes.py) of the SMALL student, grid step 4."""
+    from latency_fakes import OVERHEAD_MS, fake_timer, network_ms
+
+    from pipeline.latency.table import LatencyTable, fit_calibration, needed_rows
+    from pipeline.latency.units import named_units
+
+    def units(width):
+        model = build_model({**SMALL, "base_width": width})
+        return [unit for _, unit in named_units(model, (3, 32, 32))]
+
+    table = LatencyTable.build({"target": "fake"}, {batch: OVERHEAD_MS},
+                               needed_rows(units(8), 4), fake_timer(batch), 4)
+    nets = {w: units(w) for w in (4, 8)}
+    table.calibration = fit_calibration(
+        {batch: {w: table.network_sum(u) for w, u in nets.items()}},
+        {batch: {w: network_ms(u, batch) for w, u in nets.items()}}, table.overhead_ms)
+    return table
+
+
+@pytest.mark.parametrize("name", ["pdd", "netslim"])
+def test_a_latency_budget_is_met_at_grid_widths_and_slims_exactly(tmp_path, randomize_bn, name):
+    """Under a latency budget every structured method decides by the table (PDD's training
+    penalty included): the decision's predicted latency is within the budget, every width is a
+    grid width, and the network slims exactly at those widths."""
+    from dataclasses import replace
+
+    from pipeline.latency.table import grid_widths
+    from pipeline.latency.units import named_units
+    from pipeline.prune.latency import LatencyCost, LatencyPlan
+
+    table = small_table()
+    settings = {"pdd": PddConfig(gate_lr=0.05, flops_target=0.5, flops_weight=1.0),
+                "netslim": NetslimConfig(l1=1e-4, percent=0.4, normalize="none")}[name]
+    dense = table.predict_ms([u for _, u in named_units(build_model(SMALL), (3, 32, 32))], 8)
+    plan = LatencyPlan(table, budget_ms=0.95 * dense, batch=8)  # 16-channel blocks: ~0.9 is
+    # the fastest this small student (widths 8, 16, 32) can get
+    job = replace(make_job(tmp_path, target=None), latency=plan)
+    outcome = make_method(name, settings).prune(job)
+    decision, gated = outcome.decision, outcome.model
+    assert decision["mode"] == "latency" and decision["predicted_ms"] <= plan.budget_ms
+    widths = gated.group_widths()
+    for key, kept in gated.kept_channels().items():
+        assert kept in grid_widths(widths[key], 4), (key, kept)
+    assert LatencyCost(gated, table, 8).predict(gated.kept_channels()) == pytest.approx(
+        decision["predicted_ms"])
+    assert assert_slims_exactly(gated, randomize_bn) < 1.0
