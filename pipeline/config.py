@@ -547,10 +547,16 @@ _MESSAGES = {"missing": "missing key", "unexpected_keyword_argument": "unknown k
              "dataclass_exact_type": "expected a mapping of keys"}
 
 
+# Keys an older params.yaml may still hold, and what replaced them.
+RENAMED = {"prune.target_macs": "replaced by prune.budget: {macs: <the same value>}"}
+
+
 def _problem(error: dict[str, Any], section: str) -> tuple[str, str]:
     key = ".".join([section, *(str(part) for part in error["loc"])])
     kind = error["type"]
     message = _MESSAGES.get(kind) or error["msg"].removeprefix("Value error, ")
+    if kind == "unexpected_keyword_argument" and key in RENAMED:
+        message += f" ({RENAMED[key]})"
     if kind not in ("missing", "unexpected_keyword_argument", "value_error") and "input" in error:
         shown = error["input"]
         message += f" (got {type(shown).__name__})" if isinstance(shown, dict | list) else \

@@ -138,6 +138,8 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
         (lambda raw: raw["prune"].update(methods=["pdd", "pdd"]),
          r"prune\.methods: each method may be listed once"),
         (lambda raw: raw["prune"].update(methods=[]), r"prune\.methods: .*at least 1"),
+        (lambda raw: raw["prune"].update(target_macs=0.5),
+         r"prune\.target_macs: unknown key \(replaced by prune\.budget: \{macs: "),
         (lambda raw: raw["prune"].update(budget={"macs": 0.0}),
          r"prune\.budget\.MacsBudget\.macs: Input should be greater than 0"),
         (lambda raw: raw["prune"].update(budget={"macs": 1.2}),
