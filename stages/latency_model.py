@@ -65,8 +65,9 @@ def trained_rows(s: Settings, table: LatencyTable, target: Target, paths: Paths,
     rows = [row for units, _, _ in found.values() for unit in units for row in unit_rows(unit)]
     with probe_timer(target, table.row_batch, s.latency.timing) as timer:
         measured_rows = table.ensure(rows, timer, s.latency.probe_sessions)
-    measured = time_in_passes(target, {model: onnx for model, (_, _, onnx) in found.items()},
-                              table.batch_sizes, s.latency.timing, s.latency.network_sessions)
+    measured, _ = time_in_passes(target, {model: onnx for model, (_, _, onnx) in found.items()},
+                                 table.batch_sizes, s.latency.timing,
+                                 s.latency.network_sessions)
     results = {model: {"macs": macs, "batch": {
         str(b): _compare(table.predict_ms(units, b), measured[b][model])
         for b in table.batch_sizes}} for model, (units, macs, _) in found.items()}

@@ -11,7 +11,9 @@ Writes latency/table.json and metrics/latency_table.json. A target that cannot r
 table with status "skipped" and the reason.
 """
 
+import argparse
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ from pipeline.models import build_model
 from stages._cli import RESOLVED, load_settings, run_main
 from stages._targets import load_target
 from targets.base import Target
-from targets.latency_probe import probe_timer, table_key, time_in_passes, time_onnx, unsupported
+from targets.latency_probe import probe_timer, table_key, time_in_passes, unsupported
 
 log = logging.getLogger("latency_table")
 RUNS_TARGET = "latency.target"  # dvc.yaml: resolved/targets/${latency.target}.json/.code
@@ -151,10 +153,9 @@ def build(s: Settings, target: Target, work: Path) -> tuple[LatencyTable, dict[s
     rows.update((row.key, row) for net in nets for unit in net.units for row in unit_rows(unit))
     row_batch = max(lat.batch_sizes)
     log.info("%s: measuring %d rows at batch size %d", target.name, len(rows), row_batch)
-    overhead = time_in_passes(target, {"empty": _save_empty(work)}, lat.batch_sizes,
-                              lat.timing, lat.network_sessions)
-    overhead = {batch: by_name["empty"] for batch, by_name in overhead.items()}
-    _, info = time_onnx(target, work / "empty.onnx", lat.batch_sizes, lat.timing)
+    empty, info = time_in_passes(target, {"empty": _save_empty(work)}, lat.batch_sizes,
+                                 lat.timing, lat.network_sessions)
+    overhead = {batch: by_name["empty"] for batch, by_name in empty.items()}
     key = table_key(target, lat.batch_sizes, lat.timing, info["device"])
     with probe_timer(target, row_batch, lat.timing) as timer:
         table = LatencyTable.build(key, overhead, rows, timer, lat.width_step,
@@ -163,7 +164,8 @@ def build(s: Settings, target: Target, work: Path) -> tuple[LatencyTable, dict[s
         holdout = measure_holdout(table, holdout_rows(student, lat.width_step, lat.holdout),
                                   timer, lat.probe_sessions)
     files = {net.name: export_network(net, s, shape, work) for net in nets}
-    measured = time_in_passes(target, files, lat.batch_sizes, lat.timing, lat.network_sessions)
+    measured, _ = time_in_passes(target, files, lat.batch_sizes, lat.timing,
+                                 lat.network_sessions)
     sums = {b: {net.name: table.network_sum(net.units) for net in nets}
             for b in lat.batch_sizes}
     table.calibration = fit_calibration(sums, measured, table.overhead_ms)
@@ -194,8 +196,6 @@ def summary(table: LatencyTable, holdout: list[dict[str, Any]]) -> dict[str, Any
 
 def run(s: Settings, target: Target, table_path: Path = TABLE, metrics_path: Path = METRICS,
         work: Path | None = None) -> dict[str, Any]:
-    import tempfile
-
     reason = unsupported(target) or target.available()[1]
     if not reason:
         with tempfile.TemporaryDirectory(prefix="latency-table-") as folder:
@@ -214,8 +214,6 @@ def run(s: Settings, target: Target, table_path: Path = TABLE, metrics_path: Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolved", type=Path, default=RESOLVED)
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from pipeline.config import as_dict
 from pipeline.errors import PipelineError, TargetUnavailable
 from pipeline.latency.table import TimeProbe
 from pipeline.provenance import cpu_model
@@ -52,18 +53,22 @@ def time_onnx(target: Target, path: Path, batch_sizes: Sequence[int],
 
 
 def time_in_passes(target: Target, files: dict[str, Path], batch_sizes: Sequence[int],
-                   plan: TimingPlan, passes: int) -> dict[int, dict[str, float]]:
-    """Batch size -> name -> ms of each ONNX file: the fastest of `passes` sessions' medians,
-    one session per pass through all files. On the 2-core VM a whole session could run in a
-    slow mode (ResNet20 w14 at batch 1: 0.57 ms, once 1.04 ms), and a slow spell of the machine
-    then falls on different files in different passes."""
+                   plan: TimingPlan, passes: int
+                   ) -> tuple[dict[int, dict[str, float]], dict[str, Any]]:
+    """(batch size -> name -> ms, the device/runtime info of the first session) for each ONNX
+    file: the fastest of `passes` sessions' medians, one session per pass through all files.
+    On the 2-core VM a whole session could run in a slow mode (ResNet20 w14 at batch 1:
+    0.57 ms, once 1.04 ms), and a slow spell of the machine then falls on different files in
+    different passes."""
     best: dict[int, dict[str, float]] = {b: {} for b in batch_sizes}
+    info: dict[str, Any] = {}
     for _ in range(passes):
         for name, path in files.items():
-            times, _ = time_onnx(target, path, batch_sizes, plan)
+            times, first = time_onnx(target, path, batch_sizes, plan)
+            info = info or first
             for batch in batch_sizes:
                 best[batch][name] = min(times[batch], best[batch].get(name, times[batch]))
-    return best
+    return best, info
 
 
 @contextmanager
@@ -86,11 +91,5 @@ def table_key(target: Target, batch_sizes: Sequence[int], plan: TimingPlan,
     return {"target": target.name, "runtime": target.runtime(),
             "device": device or {"cpu": cpu_model(), "machine": platform.machine()},
             "threads": target.threads, "precision": TABLE_PRECISION,
-            "settings": _plain(target.settings), "batch_sizes": list(batch_sizes),
-            "plan": _plain(plan), "probe_format": 1}
-
-
-def _plain(obj: Any) -> Any:
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(obj) if is_dataclass(obj) else obj
+            "settings": as_dict(target.settings), "batch_sizes": list(batch_sizes),
+            "plan": as_dict(plan), "probe_format": 1}

@@ -284,15 +284,29 @@ class LatencyTable:
         return cins, couts, {(c, o): points[(c, o)] for c in cins for o in couts}
 
     def interpolate_conv(self, unit: Unit) -> float:
-        """Bilinear interpolation in (cin, cout) between the measured grid rows of the unit's
-        conv shape (the exact row where it exists)."""
+        """The unit's conv row, interpolated between the measured grid rows of its conv shape
+        where it is not measured itself."""
         exact = self.rows.get(unit.conv_key())
-        if exact is not None:
-            return exact
+        return exact if exact is not None else self.interpolate(unit, unit.cin, unit.cout)
+
+    def interpolate(self, unit: Unit, cin, cout):
+        """Bilinear interpolation in (cin, cout) between the grid rows of the unit's conv shape.
+        cin and cout may be tensors: the result then keeps their gradient."""
         cins, couts, points = self.conv_grid(unit.family())
-        (i0, i1, wi), (o0, o1, wo) = bracket(cins, unit.cin), bracket(couts, unit.cout)
+        (i0, i1, wi), (o0, o1, wo) = _towards(cins, cin), _towards(couts, cout)
         return ((1 - wi) * (1 - wo) * points[(i0, o0)] + wi * (1 - wo) * points[(i1, o0)]
                 + (1 - wi) * wo * points[(i0, o1)] + wi * wo * points[(i1, o1)])
+
+    def interpolate_add(self, h: int, channels):
+        """The residual add + ReLU row at height h, linear in the channels between its rows
+        (channels may be a tensor, as in `interpolate`)."""
+        prefix = add_key(h, 0)[:-1]
+        points = {int(key[len(prefix):]): ms for key, ms in self.rows.items()
+                  if key.startswith(prefix)}
+        if not points:
+            raise MissingRows([add_key(h, channels if isinstance(channels, int) else 0)])
+        low, high, weight = _towards(sorted(points), channels)
+        return (1 - weight) * points[low] + weight * points[high]
 
     def at_batch(self, batch: int) -> "LatencyTable":
         """The rows and one batch size's calibration: what pruning at that batch reads, so that
@@ -341,6 +355,14 @@ def bracket(grid: list[int], x: float) -> tuple[int, int, float]:
     j = min(max(bisect_left(grid, x), 1), len(grid) - 1)
     low, high = grid[j - 1], grid[j]
     return low, high, (x - low) / (high - low)
+
+
+def _towards(grid: list[int], x) -> tuple[int, int, Any]:
+    """`bracket` for a number or a tensor x; the weight is computed from x itself, so a tensor
+    keeps its gradient."""
+    at = float(x.detach()) if hasattr(x, "detach") else float(x)
+    low, high, _ = bracket(grid, at)
+    return low, high, ((x - low) / (high - low) if high != low else x * 0)
 
 
 def holdout_widths(grid: list[int], count: int) -> list[int]:

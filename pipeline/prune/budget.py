@@ -59,7 +59,8 @@ def rounded_width(kept: int, width: int, round_to: int) -> int:
     return min(width, math.ceil(max(kept, 1) / round_to) * round_to)
 
 
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+def top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep the `count` highest-scoring channels (ties: the lower index)."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool)
     mask[torch.argsort(scores, descending=True, stable=True)[:count]] = True
     return mask
@@ -73,7 +74,7 @@ def masks_at_threshold(scores: Scores, threshold: float, round_to: int,
         if key in fixed:
             masks[key] = torch.ones(s.numel(), dtype=torch.bool)
             continue
-        masks[key] = _top(s, rounded_width(int((s >= threshold).sum()), s.numel(), round_to))
+        masks[key] = top_mask(s, rounded_width(int((s >= threshold).sum()), s.numel(), round_to))
     return masks
 
 
@@ -85,7 +86,7 @@ def masks_at_ratio(scores: Scores, ratio: float, round_to: int,
     masks = {}
     for key, s in scores.items():
         keep = s.numel() if key in fixed else math.ceil((1 - ratio) * s.numel() - 1e-9)
-        masks[key] = _top(s, rounded_width(keep, s.numel(), round_to))
+        masks[key] = top_mask(s, rounded_width(keep, s.numel(), round_to))
     return masks
 
 

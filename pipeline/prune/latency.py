@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from pipeline.errors import PruneError
 from pipeline.io import read_json
-from pipeline.latency.table import LatencyTable, MissingRows, bracket, grid_widths, needed_rows
+from pipeline.latency.table import LatencyTable, MissingRows, grid_widths, needed_rows
 from pipeline.latency.units import Unit, named_units
+from pipeline.prune.budget import top_mask
 from pipeline.prune.gates import GatedModel, _kept
 
 Widths = dict[str, int]
@@ -81,7 +82,6 @@ class LatencyCost:
             raise PruneError(f"the latency table has batch sizes {table.batch_sizes}, not {batch}")
         self.gated, self.table, self.batch = gated, table, batch
         self.units = named_units(gated.plain_copy(), gated.plan.input_shape)
-        self.layers = {layer.name: layer for layer in gated.plan.layers}
         self.widths = gated.group_widths()
 
     def candidates(self, key: str) -> list[int]:
@@ -114,32 +114,11 @@ class LatencyCost:
         total = torch.zeros(())
         for unit, cin, cout in self._shaped_units(self.gated.gate_vectors()):
             cin, cout = (torch.as_tensor(c, dtype=torch.float32).cpu() for c in (cin, cout))
-            total = total + _bilinear(self.table, unit, cin, cout)
+            total = total + self.table.interpolate(unit, cin, cout)
             if unit.epilogue == "add_relu":
-                total = total + _linear_add(self.table, unit.h_out, cout)
+                total = total + self.table.interpolate_add(unit.h_out, cout)
         c0, alpha = self.table.scale(self.batch)
         return c0 + alpha * total
-
-
-def _bilinear(table: LatencyTable, unit: Unit, cin: torch.Tensor,
-              cout: torch.Tensor) -> torch.Tensor:
-    cins, couts, points = table.conv_grid(unit.family())
-    i0, i1, _ = bracket(cins, float(cin.detach()))
-    o0, o1, _ = bracket(couts, float(cout.detach()))
-    wi = (cin - i0) / (i1 - i0) if i1 != i0 else cin * 0
-    wo = (cout - o0) / (o1 - o0) if o1 != o0 else cout * 0
-    return ((1 - wi) * (1 - wo) * points[(i0, o0)] + wi * (1 - wo) * points[(i1, o0)]
-            + (1 - wi) * wo * points[(i0, o1)] + wi * wo * points[(i1, o1)])
-
-
-def _linear_add(table: LatencyTable, h: int, channels: torch.Tensor) -> torch.Tensor:
-    prefix = f"add_relu/h{h}/c"
-    points = {int(key[len(prefix):]): ms for key, ms in table.rows.items()
-              if key.startswith(prefix)}
-    grid = sorted(points)
-    low, high, _ = bracket(grid, float(channels.detach()))
-    weight = (channels - low) / (high - low) if high != low else channels * 0
-    return (1 - weight) * points[low] + weight * points[high]
 
 
 def require_priced(student: torch.nn.Module, input_shape: tuple[int, ...],
@@ -171,15 +150,6 @@ def _values(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     low = min(float(s.min()) for s in scores.values())
     return {key: torch.cumsum(torch.sort(s.float() - low + 1e-6, descending=True).values, 0)
             for key, s in scores.items()}
-
-
-def _top_masks(scores: dict[str, torch.Tensor], widths: Widths) -> dict[str, torch.Tensor]:
-    masks = {}
-    for key, s in scores.items():
-        mask = torch.zeros(s.numel(), dtype=torch.bool)
-        mask[torch.argsort(s.float(), descending=True, stable=True)[:widths[key]]] = True
-        masks[key] = mask
-    return masks
 
 
 def select_at_latency(cost: LatencyCost, scores: dict[str, torch.Tensor], budget_ms: float,
@@ -219,7 +189,8 @@ def select_at_latency(cost: LatencyCost, scores: dict[str, torch.Tensor], budget
                     if best is None or ratio > best[0]:
                         best = (ratio, key, width, trial)
         if best is None:
-            return LatencyDecision(_top_masks(scores, widths), widths, current, steps)
+            masks = {key: top_mask(s, widths[key]) for key, s in scores.items()}
+            return LatencyDecision(masks, widths, current, steps)
         _, key, widths[key], current = best
         steps += 1
 
