@@ -38,7 +38,8 @@ from pipeline.config import (
     read_params_file,
     validate,
 )
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError
+from pipeline.models import build_model
 from targets.registry import target_class, target_names
 
 RUNTIMES = "runtimes"
@@ -241,6 +242,12 @@ def _latency_tables(p: Params) -> list[tuple[str, str]]:
     if lat.select_batch not in lat.batch_sizes:
         problems.append(("latency.select_batch", f"{lat.select_batch} is not one of "
                          f"latency.batch_sizes {list(lat.batch_sizes)}"))
+    if lat.sweep_widths:
+        try:  # the sweep builds the student at other base widths
+            build_model({"arch": p.distill.student_arch, "base_width": lat.sweep_widths[0]})
+        except ModelError as err:
+            problems.append(("latency.sweep_widths", f"{p.distill.student_arch} cannot be built "
+                             f"at another base width ({err}); set latency.sweep_widths: []"))
     budget = p.prune.latency_budget
     if budget is not None:
         if budget.target != lat.target:

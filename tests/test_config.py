@@ -152,6 +152,8 @@ def test_float_with_bare_exponent_reads_as_number(tmp_path):
          r"student_slim\.widths: 'round_to': a latency budget"),
         (lambda raw: raw["latency"].update(target="torch-cpu"),
          r"latency\.target: 'torch-cpu' runs checkpoint files"),
+        (lambda raw: raw["distill"].update(student_arch="vgg11"),
+         r"latency\.sweep_widths: vgg11 cannot be built at another base width"),
         (lambda raw: raw["latency"].update(select_batch=8),
          r"latency\.select_batch: 8 is not one of latency\.batch_sizes"),
         (lambda raw: raw["weight"].update(sparsity=1.0),

@@ -10,7 +10,7 @@ Rows are keyed by `units.conv_key` / `units.add_key` and hold a probe's latency 
 batch size minus its baseline's (a lead-in conv, or the empty probe: one call, no work); the
 per-call cost of each batch size is added back once per network. Grid widths (`grid_widths`) are
 the only widths pruning decides between, so those lookups are measured, never interpolated;
-`interpolate_conv` (bilinear in (cin, cout) within one conv shape) serves the differentiable
+`interpolate` (bilinear in (cin, cout) within one conv shape) serves the differentiable
 estimate and the report of how far interpolation is off (measured on held-out rows: runtimes run
 widths in blocks, e.g. 16 channels for ONNX Runtime's NCHWc kernels on AVX-512, which a linear
 interpolation cannot see).
@@ -338,6 +338,14 @@ class LatencyTable:
                                 f"format {data.get('format')!r}")
         known = {"format", "key", "batch_sizes", "row_batch", "width_step", "overhead_ms",
                  "rows", "calibration", "probe_ms"}
+        try:
+            return cls._from_fields(data, known)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise PipelineError(f"malformed latency table ({type(err).__name__}: {err}); "
+                                "re-measure it: dvc repro -f -s latency_table") from err
+
+    @classmethod
+    def _from_fields(cls, data: dict[str, Any], known: set[str]) -> "LatencyTable":
         calibration = data.get("calibration")
         return cls(data["key"], [int(b) for b in data["batch_sizes"]], int(data["row_batch"]),
                    int(data["width_step"]),
