@@ -30,6 +30,7 @@ from pipeline.errors import CheckpointError, ParityError
 from pipeline.flops import sparse_cost
 from pipeline.io import write_json
 from pipeline.latency.table import MissingRows
+from pipeline.prune.budget import rounded_width
 from pipeline.prune.gates import GatedModel
 from pipeline.prune.latency import LatencyCost, fastest_widths, read_width_table
 from pipeline.prune.slimming import exactness, layer_widths, slim
@@ -95,7 +96,7 @@ def table_widths(gated: GatedModel, plan: Path, round_to: int) -> tuple[dict | N
     cost = LatencyCost(gated, *found)
     kept = gated.kept_channels()
     widths = fastest_widths(cost, kept)
-    rounded = {key: min(cost.widths[key], -(-n // round_to) * round_to) for key, n in kept.items()}
+    rounded = {key: rounded_width(n, cost.widths[key], round_to) for key, n in kept.items()}
     try:
         rounded_ms = cost.predict(rounded)
     except MissingRows:  # rounded widths off the table's grid
