@@ -328,8 +328,8 @@ def latency_model_section(result: dict[str, Any] | None) -> list[str]:
         return [title, "", f"Not measured on {result.get('target')}: {result.get('reason')}", ""]
     lines = [title, "", f"Target {result['target']}, {result['precision']}: predicted = the "
              "fitted constant + alpha x the sum of the model's per-layer table rows; measured = "
-             "median over fresh sessions of the exported file. Calibration networks (random "
-             "weights) are predicted leave-one-out.", ""]
+             "the fastest of several fresh sessions' medians of the exported file. Calibration "
+             "networks (random weights) are predicted leave-one-out.", ""]
     for batch, part in result["batch"].items():
         lines += [f"### Batch {batch}", "", "| model | predicted ms | measured ms | error |",
                   "|---|---|---|---|"]
