@@ -1,5 +1,8 @@
 """code_closure / code_hash on a small project tree: what a stage runs, and nothing else."""
 
+import ast
+from pathlib import Path
+
 import pytest
 
 from pipeline.codebase import code_closure, code_hash, module_of
@@ -53,3 +56,18 @@ def test_module_of_names_a_file_as_python_imports_it(tree):
 def test_unknown_module_is_an_error(tree):
     with pytest.raises(ValueError, match="not a module of this project"):
         code_closure("stages.missing", tree)
+
+
+def test_test_helpers_are_imported_as_top_level_modules():
+    # tests/ is not a package: pytest puts it on sys.path, so `from latency_fakes import ...`
+    # works from any directory, while `from tests.latency_fakes import ...` only works when
+    # the checkout root happens to be on sys.path too (`python -m pytest`, not `pytest`).
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [])
+            offenders += [f"{path.name}:{node.lineno} {name}" for name in names
+                          if name == "tests" or name.startswith("tests.")]
+    assert offenders == []

@@ -24,7 +24,7 @@ from pipeline.prune.latency import (
     select_at_latency,
 )
 from pipeline.prune.slimming import exactness, slim
-from tests.latency_fakes import OVERHEAD_MS, fake_timer, network_ms
+from latency_fakes import OVERHEAD_MS, fake_timer, network_ms
 
 SHAPE = (3, 32, 32)
 BATCHES = [1, 8]
