@@ -4,7 +4,8 @@ prune.methods: student_pruned@<method>).
 A fresh student trains for student_pruned.epochs under the method (pipeline/prune/<method>.py,
 behind pipeline.prune.method.PruneMethod) with KD from the frozen teacher, and the method decides
 what to remove: at the common budget (prune.budget: kept MACs, or a latency priced by
-latency/budget.json, which the latency_plan stage writes) or at its own size. Writes
+latency/budget.json, which the latency_plan stage writes; a MACs budget is met at the widths
+the table ships when latency/budget.json carries the width table) or at its own size. Writes
 models/student_pruned_<method>.pt - a gated student whose gates hold the keep decision
 (structured methods), or the dense student with zeros in its weights (`weight`) -
 metrics/student_pruned_<method>.json (top-1 as trained and after the decision, the decision,
@@ -34,7 +35,13 @@ from pipeline.io import file_sha256
 from pipeline.models import build_model
 from pipeline.prune.budget import Masks
 from pipeline.prune.gates import GatedModel
-from pipeline.prune.latency import LatencyPlan, read_budget_plan, require_priced
+from pipeline.prune.latency import (
+    LatencyPlan,
+    WidthTable,
+    read_budget_plan,
+    read_width_table,
+    require_priced,
+)
 from pipeline.prune.method import PruneJob, PruneOutcome
 from pipeline.prune.registry import make_method, method_module
 from pipeline.prune.slimming import slim
@@ -80,6 +87,13 @@ def latency_plan(budget: MethodBudget, path: Path) -> LatencyPlan | None:
     if budget.latency_ms is None:
         return None
     return read_budget_plan(path)
+
+
+def width_table(budget: MethodBudget, path: Path) -> WidthTable | None:
+    """The table a MACs decision is priced with, when slimming ships the table's widths."""
+    if budget.target_macs is None:
+        return None
+    return read_width_table(path)
 
 
 def network_cost(gated: GatedModel, ctx: StageContext) -> dict[str, int]:
@@ -135,8 +149,10 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
     train_loader, test_loader = ctx.loaders(cfg, seed)
     pruner = make_method(method.name, method.settings)
     latency = latency_plan(method.budget, paths.latency_budget)
-    if latency is not None and pruner.structured:
-        require_priced(student, ctx.input_shape, latency)  # before training, not after
+    widths = width_table(method.budget, paths.latency_budget)
+    pricing = latency.table if latency else widths.table if widths else None
+    if pricing is not None and pruner.structured:
+        require_priced(student, ctx.input_shape, pricing)  # before training, not after
     job = PruneJob(
         student=student, teacher=teacher, train=cfg, distill=settings.distill,
         target_macs=method.budget.target_macs, round_to=method.budget.round_to, seed=seed,
@@ -146,8 +162,8 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
                                     file_sha256(paths.teacher),
                                     method.name, as_dict(method.budget), as_dict(method.settings),
                                     code_hash(method_module(method.name)),
-                                    file_sha256(paths.latency_budget) if latency else None),
-        latency=latency)
+                                    file_sha256(paths.latency_budget) if pricing else None),
+        latency=latency, width_table=widths)
     outcome = pruner.prune(job)
     trained = training_metrics(outcome.result, cfg, ctx, settings.common)
     metrics = {**trained, "teacher_runtime": teacher.runtime, "top1_trained": trained["top1"],

@@ -93,7 +93,7 @@ def table_widths(gated: GatedModel, plan: Path, round_to: int) -> tuple[dict | N
     found = read_width_table(plan)
     if found is None:
         return None, {}
-    cost = LatencyCost(gated, *found)
+    cost = LatencyCost(gated, found.table, found.batch)
     kept = gated.kept_channels()
     widths = fastest_widths(cost, kept)
     rounded = {key: rounded_width(n, cost.widths[key], round_to) for key, n in kept.items()}

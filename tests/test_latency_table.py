@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from latency_fakes import OVERHEAD_MS, fake_timer, network_ms
 
 from pipeline.errors import ConfigError, PruneError
 from pipeline.latency.table import (
@@ -24,7 +25,6 @@ from pipeline.prune.latency import (
     select_at_latency,
 )
 from pipeline.prune.slimming import exactness, slim
-from latency_fakes import OVERHEAD_MS, fake_timer, network_ms
 
 SHAPE = (3, 32, 32)
 BATCHES = [1, 8]
@@ -191,6 +191,42 @@ def test_the_fastest_width_is_never_below_the_kept_channels(table, gated):
     assert all(widths[k] == 16 for k, w in cost.widths.items() if w == 16)
 
 
+def test_the_fastest_widths_are_their_own_fastest_widths(table, gated):
+    """Slimming widens a decision made at these widths by nothing: the answer is a fixed
+    point, for any kept counts."""
+    cost = LatencyCost(gated, table, 8)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        kept = {key: int(torch.randint(1, w + 1, (1,), generator=generator))
+                for key, w in cost.widths.items()}
+        widths = fastest_widths(cost, kept)
+        assert fastest_widths(cost, widths) == widths
+
+
+def test_a_macs_target_is_met_at_the_widths_the_table_ships(table, gated):
+    """Widening an exact decision to the table's widths after the fact overshoots a MACs
+    target; priced inside the decision, the shipped widths meet it and slimming adds nothing."""
+    from pipeline.prune.budget import macs_fraction, select_at_target, top_mask
+    from pipeline.prune.latency import select_at_target_by_table
+
+    cost = LatencyCost(gated, table, 8)
+    scores = {key: torch.rand(w, generator=torch.Generator().manual_seed(2))
+              for key, w in cost.widths.items()}
+    target = 0.5
+    after = fastest_widths(cost, select_at_target(gated, scores, target, 1).kept())
+    widened = {key: top_mask(s, after[key]) for key, s in scores.items()}
+    assert macs_fraction(gated, widened) > target  # the problem this decision solves
+    chosen = select_at_target_by_table(cost, scores, target)
+    assert chosen.decision.macs_fraction <= target
+    assert chosen.decision.kept() == chosen.widths
+    assert fastest_widths(cost, chosen.widths) == chosen.widths
+    assert all(w in cost.candidates(k) for k, w in chosen.widths.items())
+    assert chosen.inner_target < target
+    assert chosen.predicted_ms == pytest.approx(cost.predict(chosen.widths))
+    with pytest.raises(PruneError, match="cannot be met at the latency table's widths"):
+        select_at_target_by_table(cost, scores, 0.001)
+
+
 def test_slim_to_widths_is_exact_and_refuses_widths_below_the_open_channels(gated):
     keep = {key: torch.arange(w) < max(1, w // 3) for key, w in gated.group_widths().items()}
     gated.set_keep(keep)
@@ -244,7 +280,15 @@ def test_a_macs_budget_plan_does_not_change_when_the_table_does(tmp_path, table)
 
     plan = read_budget_plan(paths.budget)
     assert plan.budget_ms == 1.0 and plan.batch == 8 and plan.table.batch_sizes == [8]
-    assert read_width_table(paths.slim)[1] == 8
+    assert read_width_table(paths.budget) is None  # the knapsack picks grid widths itself
+    assert read_width_table(paths.slim).batch == 8
+    macs_by_table = latency_plan.Settings(PruneConfig(methods=("pdd",), budget=MacsBudget(0.5)),
+                                          by_table.student_slim, lat)
+    latency_plan.run(macs_by_table, paths)
+    priced = read_width_table(paths.budget)  # the MACs decision is made at the table's widths
+    assert priced.batch == 8 and priced.table.batch_sizes == [8]
+    latency_plan.run(settings, paths)
+    assert read_width_table(paths.budget) is None  # rounded widths: nothing to price
 
 
 def test_pruning_refuses_a_skipped_table(tmp_path):
@@ -259,10 +303,9 @@ def test_pruning_refuses_a_skipped_table(tmp_path):
 
 
 def test_a_student_the_table_cannot_price_is_refused_before_training(table):
-    from pipeline.prune.latency import LatencyPlan, require_priced
+    from pipeline.prune.latency import require_priced
 
-    plan = LatencyPlan(table, budget_ms=1.0, batch=8)
-    require_priced(resnet(), SHAPE, plan)  # the student the table was built for
+    require_priced(resnet(), SHAPE, table)  # the student the table was built for
     with pytest.raises(MissingRows) as err:
-        require_priced(resnet(width=24), SHAPE, plan)  # a wider student: rows missing
+        require_priced(resnet(width=24), SHAPE, table)  # a wider student: rows missing
     assert any("c24-24" in key for key in err.value.keys)

@@ -365,3 +365,24 @@ def test_a_latency_budget_is_met_at_grid_widths_and_slims_exactly(tmp_path, rand
     assert LatencyCost(gated, table, 8).predict(gated.kept_channels()) == pytest.approx(
         decision["predicted_ms"])
     assert assert_slims_exactly(gated, randomize_bn) < 1.0
+
+
+@pytest.mark.parametrize("name", ["pdd", "netslim"])
+def test_a_macs_budget_with_table_widths_ships_at_most_the_budget(tmp_path, randomize_bn, name):
+    """student_slim.widths: table under a MACs budget: the decision is made at the widths the
+    table ships (grid widths, each its own fastest), so slimming them keeps MACs within the
+    budget."""
+    from dataclasses import replace
+
+    from pipeline.prune.latency import LatencyCost, WidthTable, fastest_widths
+
+    settings = {"pdd": PddConfig(gate_lr=0.05, flops_target=0.5, flops_weight=1.0),
+                "netslim": NetslimConfig(l1=1e-4, percent=0.4, normalize="none")}[name]
+    job = replace(make_job(tmp_path, target=0.6), width_table=WidthTable(small_table(), 8))
+    outcome = make_method(name, settings).prune(job)
+    decision, gated = outcome.decision, outcome.model
+    assert decision["mode"] == "target" and decision["widths_by"] == "table"
+    assert decision["macs_fraction"] <= 0.6
+    kept = gated.kept_channels()
+    assert fastest_widths(LatencyCost(gated, small_table(), 8), kept) == kept
+    assert assert_slims_exactly(gated, randomize_bn) <= 0.6

@@ -6,6 +6,7 @@
     latency_penalty(cost, budget_ms)          # relu(expected / budget - 1), like macs_penalty
     select_at_latency(cost, scores, budget_ms, fixed)   # greedy knapsack over grid widths
     fastest_widths(cost, kept)                # per group the fastest grid width >= kept
+    select_at_target_by_table(cost, scores, macs, fixed)   # a MACs target at those widths
 
 Decisions and width choices only ever consider grid widths (`table.grid_widths`), whose rows
 are measured, so the latency they are priced at is the table's own, not an interpolation. The
@@ -23,7 +24,7 @@ from pipeline.errors import PruneError
 from pipeline.io import read_json
 from pipeline.latency.table import LatencyTable, MissingRows, grid_widths, needed_rows
 from pipeline.latency.units import Unit, named_units
-from pipeline.prune.budget import top_mask
+from pipeline.prune.budget import Decision, Scores, macs_fraction, select_at_target, top_mask
 from pipeline.prune.gates import GatedModel, _kept
 
 Widths = dict[str, int]
@@ -66,12 +67,21 @@ def read_budget_plan(path: Path) -> LatencyPlan:
                        int(data["batch"]))
 
 
-def read_width_table(path: Path) -> tuple[LatencyTable, int] | None:
-    """latency/slim.json: (table, batch) when slimming chooses widths by table, else None."""
+@dataclass(frozen=True)
+class WidthTable:
+    """The table that chooses group widths (student_slim.widths: table), at one batch size."""
+
+    table: LatencyTable
+    batch: int
+
+
+def read_width_table(path: Path) -> WidthTable | None:
+    """The width table of a plan file (latency/slim.json for slimming; latency/budget.json
+    when a MACs decision is priced at the table's widths), or None when widths are rounded."""
     data = read_plan(path)
     if data.get("widths") != "table":
         return None
-    return LatencyTable.from_dict(data["table"]), int(data["batch"])
+    return WidthTable(LatencyTable.from_dict(data["table"]), int(data["batch"]))
 
 
 class LatencyCost:
@@ -122,11 +132,11 @@ class LatencyCost:
 
 
 def require_priced(student: torch.nn.Module, input_shape: tuple[int, ...],
-                   plan: LatencyPlan) -> None:
-    """Raise MissingRows (naming them) unless the table holds every row the knapsack can reach
-    for this student: checked before training starts, not after it."""
+                   table: LatencyTable) -> None:
+    """Raise MissingRows (naming them) unless the table holds every row a decision can reach
+    for this student (any grid widths): checked before training starts, not after it."""
     units = [unit for _, unit in named_units(student, input_shape)]
-    missing = sorted(set(needed_rows(units, plan.table.width_step)) - set(plan.table.rows))
+    missing = sorted(set(needed_rows(units, table.width_step)) - set(table.rows))
     if missing:
         raise MissingRows(missing)
 
@@ -197,8 +207,23 @@ def select_at_latency(cost: LatencyCost, scores: dict[str, torch.Tensor], budget
 
 def fastest_widths(cost: LatencyCost, kept: Widths, tie: float = 0.01) -> Widths:
     """Per group, the grid width at or above `kept` that the table predicts fastest, by
-    coordinate descent over the groups (twice). Widths within `tie` x (network ms / groups) of
-    the fastest count as equal, and the widest of them wins: channels that cost nothing."""
+    coordinate descent over the groups. Widths within `tie` x (network ms / groups) of the
+    fastest count as equal, and the widest of them wins: channels that cost nothing.
+
+    The answer is a fixed point (`fastest_widths(cost, answer) == answer`): the descent is
+    restarted from its own answer until nothing moves, so a decision made at these widths
+    (`select_at_target_by_table`) is not widened again by the slim stage. Widths only grow,
+    so this ends."""
+    widths = dict(kept)
+    while True:
+        moved = _descend(cost, widths, tie)
+        if moved == widths:
+            return widths
+        widths = moved
+
+
+def _descend(cost: LatencyCost, kept: Widths, tie: float) -> Widths:
+    """Two rounds of coordinate descent over grid widths at or above `kept`."""
     widths = {key: next(c for c in cost.candidates(key) if c >= kept[key]) for key in kept}
     for _ in range(2):
         for key in kept:
@@ -208,4 +233,53 @@ def fastest_widths(cost: LatencyCost, kept: Widths, tie: float = 0.01) -> Widths
             slack = tie * fastest / max(len(kept), 1)
             widths[key] = max(c for ms, c in timed if ms <= fastest + slack)
     return widths
+
+
+@dataclass(frozen=True)
+class TableDecision:
+    decision: Decision  # the shipped masks, at the table's widths, and their MACs
+    widths: Widths
+    predicted_ms: float
+    inner_target: float  # the MACs target of the round_to-1 decision that was widened
+
+
+def select_at_target_by_table(cost: LatencyCost, scores: Scores, target: float,
+                              fixed: frozenset[str] = frozenset(),
+                              iterations: int = 16) -> TableDecision:
+    """The largest network at the table's widths whose MACs are at most `target`: a decision
+    at exact channel counts (round_to 1) for an inner target, widened to `fastest_widths`, with
+    the inner target found by bisection so that the widened network fits. Like `round_to`
+    inside `select_at_target`, the widening is priced inside the decision: the network priced
+    is the network that ships."""
+    gated = cost.gated
+
+    def shipped(inner: float) -> tuple[Decision, Widths]:
+        exact = select_at_target(gated, scores, inner, 1, fixed)
+        widths = fastest_widths(cost, exact.kept())
+        masks = {key: top_mask(s, widths[key]) for key, s in scores.items()}
+        return Decision(masks, macs_fraction(gated, masks), exact.threshold,
+                        exact.top_up_blocks), widths
+
+    low, high, inner, best = 0.0, target, target, None
+    for _ in range(iterations):
+        try:
+            decision, widths = shipped(inner)
+        except PruneError:  # below the smallest network this method may build: search higher
+            low = inner
+        else:
+            if decision.macs_fraction <= target + 1e-12:
+                if best is None or decision.macs_fraction > best[0].macs_fraction:
+                    best = (decision, widths, inner)
+                if inner == target:
+                    break  # widening at the target itself fits: nothing larger can
+                low = inner
+            else:
+                high = inner
+        inner = (low + high) / 2
+    if best is None:
+        raise PruneError(f"MACs target {target} cannot be met at the latency table's widths: "
+                         "every network tried was larger once widened to its fastest grid "
+                         "widths")
+    decision, widths, inner = best
+    return TableDecision(decision, widths, cost.predict(widths), inner)
 

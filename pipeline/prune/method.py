@@ -28,7 +28,13 @@ from pipeline.distill import FrozenTeacher
 from pipeline.models.resnet_cifar import ZeroPadShortcut
 from pipeline.prune.budget import Decision, Masks, Scores, macs_fraction, select_at_target
 from pipeline.prune.gates import GatedModel, attach_gates
-from pipeline.prune.latency import LatencyCost, LatencyPlan, select_at_latency
+from pipeline.prune.latency import (
+    LatencyCost,
+    LatencyPlan,
+    WidthTable,
+    select_at_latency,
+    select_at_target_by_table,
+)
 from pipeline.students import distillation_loss_fn
 from pipeline.training import EpochHook, EpochStartHook, FitResult, LossFn, TrainingRun, fit
 
@@ -53,6 +59,8 @@ class PruneJob:
     fingerprint: str  # settings, data, code, teacher and method settings: resume only if equal
     title: str
     latency: LatencyPlan | None = None  # a latency budget (prune.budget.latency_ms) instead
+    width_table: WidthTable | None = None  # student_slim.widths: table under a MACs budget:
+    # the MACs decision is made at the widths the table will ship
 
     @property
     def has_budget(self) -> bool:
@@ -117,12 +125,27 @@ def decide(gated: GatedModel, scores: Scores, job: PruneJob, own: Masks,
         gated.set_keep(own, scores)
         return {"mode": "own size", "macs_fraction": macs_fraction(gated, own),
                 "kept": _kept(own), **details}, {}
-    chosen: Decision = select_at_target(gated, scores, job.target_macs, job.round_to, fixed)
+    if job.width_table is not None:
+        chosen, widths_by = _decide_at_table_widths(gated, scores, job, fixed)
+    else:
+        chosen = select_at_target(gated, scores, job.target_macs, job.round_to, fixed)
+        widths_by = {"widths_by": f"round_to {job.round_to}"}
     gated.set_keep(chosen.masks, scores)
     summary = {"mode": "target", "target_macs": job.target_macs,
                "macs_fraction": chosen.macs_fraction, "threshold": chosen.threshold,
-               "top_up_blocks": chosen.top_up_blocks, "kept": chosen.kept(), **details}
+               "top_up_blocks": chosen.top_up_blocks, "kept": chosen.kept(), **widths_by,
+               **details}
     return summary, {"own size": own}
+
+
+def _decide_at_table_widths(gated: GatedModel, scores: Scores, job: PruneJob,
+                            fixed: frozenset[str]) -> tuple[Decision, dict[str, Any]]:
+    table = job.width_table
+    chosen = select_at_target_by_table(LatencyCost(gated, table.table, table.batch), scores,
+                                       job.target_macs, fixed)
+    return chosen.decision, {"widths_by": "table", "table_batch": table.batch,
+                             "predicted_ms": chosen.predicted_ms,
+                             "inner_target_macs": chosen.inner_target}
 
 
 def _decide_at_latency(gated: GatedModel, scores: Scores, plan: LatencyPlan,
