@@ -225,6 +225,8 @@ def test_a_macs_target_is_met_at_the_widths_the_table_ships(table, gated):
     assert chosen.predicted_ms == pytest.approx(cost.predict(chosen.widths))
     with pytest.raises(PruneError, match="cannot be met at the latency table's widths"):
         select_at_target_by_table(cost, scores, 0.001)
+    with pytest.raises(PruneError, match="must be in"):
+        select_at_target_by_table(cost, scores, 1.5)
 
 
 def test_slim_to_widths_is_exact_and_refuses_widths_below_the_open_channels(gated):

@@ -251,6 +251,8 @@ def select_at_target_by_table(cost: LatencyCost, scores: Scores, target: float,
     the inner target found by bisection so that the widened network fits. Like `round_to`
     inside `select_at_target`, the widening is priced inside the decision: the network priced
     is the network that ships."""
+    if not 0.0 < target <= 1.0:  # checked here: below, a PruneError means "search higher"
+        raise PruneError(f"MACs target must be in (0, 1], got {target}")
     gated = cost.gated
 
     def shipped(inner: float) -> tuple[Decision, Widths]:
