@@ -19,7 +19,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from pipeline.config import LatencyConfig, load_section
+from pipeline.config import LatencyConfig, as_dict, load_section
 from pipeline.io import read_json
 from pipeline.latency.table import LatencyTable, MissingRows
 from stages._targets import load_target
@@ -78,7 +78,7 @@ for row in rows.values():
                                      if cell["predicted_ms"] else None)
     row["speedup_macs"] = rows["student_dense"]["macs"] / row["macs"]
 result = {"what": "dense and pruned students timed in one run: 7 passes, one session per file "
-                  "per pass, the fastest of the 7 medians", "timing": cfg.timing.__dict__,
+                  "per pass, the fastest of the 7 medians", "timing": as_dict(cfg.timing),
           "table_key": read_json(Path("latency/table.json"))["key"], "cpu_flags": cpu_flags(),
           "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
           "python": platform.python_version(), "models": rows}

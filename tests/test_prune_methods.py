@@ -378,11 +378,12 @@ def test_a_macs_budget_with_table_widths_ships_at_most_the_budget(tmp_path, rand
 
     settings = {"pdd": PddConfig(gate_lr=0.05, flops_target=0.5, flops_weight=1.0),
                 "netslim": NetslimConfig(l1=1e-4, percent=0.4, normalize="none")}[name]
-    job = replace(make_job(tmp_path, target=0.6), width_table=WidthTable(small_table(), 8))
+    table = small_table()
+    job = replace(make_job(tmp_path, target=0.6), width_table=WidthTable(table, 8))
     outcome = make_method(name, settings).prune(job)
     decision, gated = outcome.decision, outcome.model
     assert decision["mode"] == "target" and decision["widths_by"] == "table"
     assert decision["macs_fraction"] <= 0.6
     kept = gated.kept_channels()
-    assert fastest_widths(LatencyCost(gated, small_table(), 8), kept) == kept
+    assert fastest_widths(LatencyCost(gated, table, 8), kept) == kept
     assert assert_slims_exactly(gated, randomize_bn) <= 0.6
