@@ -56,13 +56,14 @@ PATHS = (
     TrainPath(TODAY, "off", True, "torch"),
     TrainPath("onnxruntime-teacher", "off", True, "onnxruntime"),
     TrainPath("channels-first", "off", False, "torch"),
+    TrainPath("channels-first+onnxruntime-teacher", "off", False, "onnxruntime"),
     TrainPath("bf16", "bf16", True, "torch"),
     TrainPath("bf16+onnxruntime-teacher", "bf16", True, "onnxruntime"),
 )
 WORKLOAD_PATHS = {  # the teacher trains alone: its path has no teacher runtime to vary
     "teacher": (TODAY, "channels-first", "bf16"),
     "kd": tuple(p.name for p in PATHS),
-    "pdd": (TODAY, "onnxruntime-teacher", "bf16"),
+    "pdd": (TODAY, "onnxruntime-teacher", "channels-first+onnxruntime-teacher", "bf16"),
 }
 
 
