@@ -423,6 +423,27 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True, config=STRICT)
+class LatencyNetworks:
+    """What the latency_table stage builds its rows from (resolved/latency_networks.json,
+    derived by validate_params): the two architectures, the input shape and the export settings
+    that shape the measured graphs. A file of its own, so that a new learning rate, temperature,
+    data subset or parity limit does not re-measure the table (minutes on a small CPU)."""
+
+    teacher_arch: str  # teacher.arch: exact rows, and a calibration network
+    student_arch: str  # distill.student_arch: the grid of widths, and the sweep
+    input_shape: tuple[PositiveInt, PositiveInt, PositiveInt]  # (C, H, W) the data gives
+    opset: PositiveInt  # export.opset: graphs exported as the export stage does
+    simplifier: Literal["onnxsim", "onnxslim"]  # export.simplifier
+
+
+def input_shape(data: DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the images `data` gives: CIFAR and synthetic are 32x32, an image folder
+    is resized to data.image_size."""
+    size = data.image_size if data.dataset == "imagefolder" else 32
+    return (3, size, size)
+
+
+@dataclass(frozen=True, config=STRICT)
 class ReportConfig:
     """The comparison report (pipeline/report.py)."""
 

@@ -22,6 +22,7 @@ from pipeline.config import (
     ExportConfig,
     KddpConfig,
     LatencyConfig,
+    LatencyNetworks,
     MethodBudget,
     NetslimConfig,
     PddConfig,
@@ -35,6 +36,7 @@ from pipeline.config import (
     TrainConfig,
     WeightConfig,
     apply_profile,
+    input_shape,
     read_params_file,
     validate,
 )
@@ -75,6 +77,13 @@ class Params:
     def target_settings(self, name: str) -> Any:
         """The settings object target `name` is built with."""
         return self.runtimes[target_class(name).settings_key]
+
+    def latency_networks(self) -> LatencyNetworks:
+        """What the latency_table stage measures (its resolved file: nothing else)."""
+        return LatencyNetworks(teacher_arch=self.teacher.arch,
+                               student_arch=self.distill.student_arch,
+                               input_shape=input_shape(self.data), opset=self.export.opset,
+                               simplifier=self.export.simplifier)
 
     def method_settings(self, name: str) -> tuple[MethodBudget, Any]:
         """What method `name`'s prune stage reads: the common budget and its own section."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import DataConfig, DistillConfig, ExportConfig, LatencyConfig, TeacherConfig
+from pipeline.config import LatencyConfig, LatencyNetworks
 from pipeline.errors import ConfigError, ModelError, TargetUnavailable
 from pipeline.export.onnx_export import export_onnx, save_onnx
 from pipeline.export.simplify import simplify
@@ -56,15 +56,8 @@ METRICS = Path("metrics/latency_table.json")
 @dataclass(frozen=True)
 class Settings:
     latency: LatencyConfig
-    teacher: TeacherConfig  # its architecture: exact rows, and a calibration network
-    distill: DistillConfig  # the student's architecture: the grid
-    data: DataConfig  # the input size
-    export: ExportConfig  # how calibration networks are exported (as the export stage does)
-
-
-def input_shape(data: DataConfig) -> tuple[int, int, int]:
-    size = data.image_size if data.dataset == "imagefolder" else 32
-    return (3, size, size)
+    networks: LatencyNetworks = field(metadata={"resolved": "latency_networks"})  # the two
+    # architectures, the input shape, and how networks are exported (as the export stage does)
 
 
 @dataclass
@@ -91,14 +84,16 @@ def random_network(spec: dict[str, Any], shape: tuple[int, ...], seed: int) -> n
 
 def calibration_networks(s: Settings, shape: tuple[int, ...]) -> list[Network]:
     """The teacher's and student's architectures, and the student at each sweep width."""
-    nets = [Network("teacher_arch", random_network({"arch": s.teacher.arch}, shape, 0)),
-            Network("student_arch", random_network({"arch": s.distill.student_arch}, shape, 0))]
+    arch = s.networks.student_arch
+    teacher = random_network({"arch": s.networks.teacher_arch}, shape, 0)
+    nets = [Network("teacher_arch", teacher),
+            Network("student_arch", random_network({"arch": arch}, shape, 0))]
     for width in s.latency.sweep_widths:
-        spec = {"arch": s.distill.student_arch, "base_width": width}
+        spec = {"arch": arch, "base_width": width}
         try:
             model = random_network(spec, shape, width)
         except ModelError as err:
-            raise ConfigError(f"latency.sweep_widths: {s.distill.student_arch} has no base "
+            raise ConfigError(f"latency.sweep_widths: {arch} has no base "
                               f"width to sweep ({err}); set latency.sweep_widths: []") from err
         nets.append(Network(f"sweep_w{width}", model))
     for net in nets:
@@ -139,14 +134,14 @@ def measure_holdout(table: LatencyTable, picks: list[tuple[Unit, Row]], timer,
 
 
 def export_network(net: Network, s: Settings, shape: tuple[int, ...], folder: Path) -> Path:
-    proto = export_onnx(net.model, shape, s.export.opset)
-    proto, _ = simplify(proto, s.export.simplifier)
+    proto = export_onnx(net.model, shape, s.networks.opset)
+    proto, _ = simplify(proto, s.networks.simplifier)
     return save_onnx(proto, folder / f"{net.name}.onnx")
 
 
 def build(s: Settings, target: Target, work: Path) -> tuple[LatencyTable, dict[str, Any]]:
     lat, started = s.latency, time.perf_counter()
-    shape = input_shape(s.data)
+    shape = s.networks.input_shape
     nets = calibration_networks(s, shape)
     student = next(n for n in nets if n.name == "student_arch").units
     rows = needed_rows(student, lat.width_step)
