@@ -436,6 +436,15 @@ class LatencyNetworks:
     simplifier: Literal["onnxsim", "onnxslim"]  # export.simplifier
 
 
+@dataclass(frozen=True, config=STRICT)
+class ProgramBatches:
+    """The batch sizes a fixed-batch format is built at (resolved/program_batches.json, from
+    benchmark.batch_sizes, sorted, each once): the ExecuTorch export reads only this of the
+    benchmark's settings, so new timing or eval settings rebuild no program (minutes)."""
+
+    batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)]
+
+
 def input_shape(data: DataConfig) -> tuple[int, int, int]:
     """(C, H, W) of the images `data` gives: CIFAR and synthetic are 32x32, an image folder
     is resized to data.image_size."""

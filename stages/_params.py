@@ -26,6 +26,7 @@ from pipeline.config import (
     MethodBudget,
     NetslimConfig,
     PddConfig,
+    ProgramBatches,
     PruneConfig,
     PruneThenKdConfig,
     ReportConfig,
@@ -84,6 +85,10 @@ class Params:
                                student_arch=self.distill.student_arch,
                                input_shape=input_shape(self.data), opset=self.export.opset,
                                simplifier=self.export.simplifier)
+
+    def program_batches(self) -> ProgramBatches:
+        """The batch sizes fixed-batch programs are built at (export_executorch reads only this)."""
+        return ProgramBatches(tuple(sorted(set(self.benchmark.batch_sizes))))
 
     def method_settings(self, name: str) -> tuple[MethodBudget, Any]:
         """What method `name`'s prune stage reads: the common budget and its own section."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.artifacts import artifact_path, model_folder
 from pipeline.checkpoint import LoadedModel, load_model
-from pipeline.config import BenchmarkConfig, ExportConfig, RunConfig, as_dict
+from pipeline.config import ExportConfig, ProgramBatches, RunConfig, as_dict
 from pipeline.data import load_prepared
 from pipeline.export.cards import describe_source, make_card, provenance, write_card
 from pipeline.export.executorch import LoweredProgram, export_programs
@@ -54,7 +54,8 @@ TOOLS = ("torch", "executorch", "torchao")
 class Settings:
     common: RunConfig
     export: ExportConfig  # calibration images, parity images and tolerances, INT8 top-1 drop
-    benchmark: BenchmarkConfig  # batch_sizes: one program per size
+    batches: ProgramBatches = field(metadata={"resolved": "program_batches"})  # one program
+    # per size (benchmark.batch_sizes, nothing else of the benchmark's settings)
     executorch: ExecuTorchSettings = field(metadata={"resolved": "targets/executorch-xnnpack"})
 
 
@@ -108,7 +109,7 @@ def card_for(source: dict, precision: str, program: LoweredProgram, cfg: ExportC
 def build_and_check(loaded: LoadedModel, name: str, images: Images, settings: Settings,
                     paths: Paths, staging: Path) -> dict[str, Any]:
     """Every program written to `staging`, gated, then carded; returns the metrics' files."""
-    cfg, batches = settings.export, tuple(sorted(set(settings.benchmark.batch_sizes)))
+    cfg, batches = settings.export, settings.batches.batch_sizes
     target = make_target("executorch-xnnpack", settings.executorch)
     shape = tuple(int(v) for v in loaded.meta["input_shape"])
     predict = torch_predictor(loaded.model)
@@ -165,7 +166,7 @@ def run(settings: Settings, paths: Paths, name: str) -> dict[str, Any]:
     with staged_folder(folder) as staging:
         built = build_and_check(loaded, name, images, settings, paths, staging)
     return {"model": name, "status": "ok", "reason": "", "runtime": target.runtime(),
-            "batch_sizes": sorted(set(settings.benchmark.batch_sizes)),
+            "batch_sizes": list(settings.batches.batch_sizes),
             "test_images": len(images.labels), "parity_images": len(images.parity),
             "int8_top1_drop_points": built["int8_top1_drop_points"],
             "quantize": as_dict(settings.export.quantize),

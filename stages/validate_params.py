@@ -13,10 +13,11 @@ name at run time, and DVC cannot give each item of a foreach stage its own list 
 so benchmark@<target> depends on this hash instead: editing targets/ssh.py re-runs the ssh-*
 benchmarks and no other (this stage imports every target, so it re-runs too, in seconds).
 
-The latency_table stage reads resolved/latency_networks.json, derived from the teacher's and
-the student's architectures, the input shape and the export settings, and nothing else of those
-sections: re-measuring the table costs minutes, and a new learning rate or temperature changes
-none of its rows.
+Two files are derived for stages that read a few keys of other sections and take minutes:
+resolved/latency_networks.json (the teacher's and the student's architectures, the input shape,
+the export opset and simplifier: all latency_table reads) and resolved/program_batches.json
+(benchmark.batch_sizes: all export_executorch reads). A new learning rate, temperature or
+benchmark timing re-runs neither.
 
 Pruning methods work the same way: resolved/methods/<method>.json holds what
 student_pruned@<method> reads (the method's section plus the common MACs target and rounding,
@@ -45,6 +46,7 @@ def resolved_documents(params: Params) -> dict[str, Any]:
     # `common` carries the profile name: every stage reads common, and records the profile.
     documents["common"] = {"profile": params.profile, **documents["common"]}
     documents["latency_networks"] = as_dict(params.latency_networks())
+    documents["program_batches"] = as_dict(params.program_batches())
     for name in target_names():
         documents[f"targets/{name}"] = as_dict(params.target_settings(name))
     for name in METHOD_NAMES:

@@ -12,12 +12,11 @@ from stage_settings import ONE_PROCESS
 import stages.export_executorch as stage
 from pipeline.checkpoint import save_model
 from pipeline.config import (
-    BenchmarkConfig,
     ExportConfig,
     ParityTolerance,
+    ProgramBatches,
     QuantizeConfig,
     RunConfig,
-    TimingPlan,
 )
 from pipeline.data import make_synthetic, save_prepared
 from pipeline.errors import ParityError
@@ -40,13 +39,10 @@ def settings(batch_sizes=(1, 4), **export_overrides) -> stage.Settings:
         quantize=QuantizeConfig(calibration_images=512, calibration_batch=128,
                                 calibration_method="minmax", activation_type="uint8",
                                 reduce_range=True, max_top1_drop=50.0))
-    benchmark = BenchmarkConfig(
-        targets={"executorch-xnnpack": ("fp32", "int8")}, models=("student_final",),
-        batch_sizes=batch_sizes, eval_images=0,
-        timing=TimingPlan(warmup_iters=0, warmup_seconds=0.0, min_iters=1, min_seconds=0.0))
+    batches = ProgramBatches(tuple(sorted(set(batch_sizes))))
     return stage.Settings(RunConfig(seed=0, device="cpu", threads=1, distributed=ONE_PROCESS,
                                     profile="smoke"),
-                          ExportConfig(**(export | export_overrides)), benchmark, EXECUTORCH)
+                          ExportConfig(**(export | export_overrides)), batches, EXECUTORCH)
 
 
 @pytest.fixture(scope="module")

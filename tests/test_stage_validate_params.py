@@ -42,36 +42,48 @@ def test_dvc_keeps_the_resolved_files_while_validate_params_runs():
     assert not_persisted == [], "DVC would delete these before validating"
 
 
-def latency_networks_after(tmp_path: Path, old: str, new: str) -> bytes:
-    """resolved/latency_networks.json for params.yaml with `old` replaced by `new` once."""
+
+def resolved_after(tmp_path: Path, stem: str, old: str, new: str) -> bytes:
+    """resolved/<stem>.json for params.yaml with `old` replaced by `new` once."""
     params = tmp_path / f"params_{len(list(tmp_path.iterdir()))}.yaml"
     text = (REPO / "params.yaml").read_text()
     assert old in text, old
     params.write_text(text.replace(old, new, 1))
     out = tmp_path / f"resolved_{params.stem}"
     run(str(params), out)
-    return (out / "latency_networks.json").read_bytes()
+    return (out / f"{stem}.json").read_bytes()
 
 
-@pytest.mark.parametrize("old, new", [
-    ("  temperature: 3.0", "  temperature: 4.0"),  # distill, not the student's architecture
-    ("teacher_runtime: auto", "teacher_runtime: torch"),
-    ("  lr: 0.1\n", "  lr: 0.05\n"),  # the teacher's schedule, not its architecture
-    ("train_limit: 10000", "train_limit: 5000"),
-    ("parity_images: 256", "parity_images: 128"),  # export, not how graphs are exported
-])
-def test_settings_the_latency_table_does_not_read_leave_its_file_unchanged(tmp_path, old, new):
+def unchanged_params(tmp_path: Path, stem: str) -> bytes:
     (tmp_path / "base").mkdir()
-    base = latency_networks_after(tmp_path / "base", "profile: quick", "profile: quick")
-    assert latency_networks_after(tmp_path, old, new) == base
+    return resolved_after(tmp_path / "base", stem, "profile: quick", "profile: quick")
 
 
-@pytest.mark.parametrize("old, new", [
-    ("arch: resnet56", "arch: resnet32"),
-    ("student_arch: resnet20", "student_arch: resnet32"),
-    ("simplifier: onnxsim", "simplifier: onnxslim"),
-])
-def test_what_the_latency_table_measures_changes_its_file(tmp_path, old, new):
-    (tmp_path / "base").mkdir()
-    base = latency_networks_after(tmp_path / "base", "profile: quick", "profile: quick")
-    assert latency_networks_after(tmp_path, old, new) != base
+# Derived files: a stage that reads a few keys of several sections depends on a file of just
+# those keys, so that a change of any other key re-runs nothing that takes minutes.
+UNREAD = [
+    ("latency_networks", "  temperature: 3.0", "  temperature: 4.0"),  # not the student's arch
+    ("latency_networks", "teacher_runtime: auto", "teacher_runtime: torch"),
+    ("latency_networks", "  lr: 0.1\n", "  lr: 0.05\n"),  # the teacher's schedule
+    ("latency_networks", "train_limit: 10000", "train_limit: 5000"),
+    ("latency_networks", "parity_images: 256", "parity_images: 128"),  # not how graphs export
+    ("program_batches", "eval_images: 2000", "eval_images: 1000"),
+    ("program_batches", "min_iters: 20,", "min_iters: 25,"),  # the benchmark's timing
+    ("program_batches", "batch_sizes: [1, 64]\n  eval", "batch_sizes: [64, 1, 1]\n  eval"),
+]
+READ = [
+    ("latency_networks", "arch: resnet56", "arch: resnet32"),
+    ("latency_networks", "student_arch: resnet20", "student_arch: resnet32"),
+    ("latency_networks", "simplifier: onnxsim", "simplifier: onnxslim"),
+    ("program_batches", "batch_sizes: [1, 64]\n  eval", "batch_sizes: [1, 32, 64]\n  eval"),
+]
+
+
+@pytest.mark.parametrize("stem, old, new", UNREAD)
+def test_settings_a_derived_file_leaves_out_do_not_change_it(tmp_path, stem, old, new):
+    assert resolved_after(tmp_path, stem, old, new) == unchanged_params(tmp_path, stem)
+
+
+@pytest.mark.parametrize("stem, old, new", READ)
+def test_settings_a_derived_file_holds_change_it(tmp_path, stem, old, new):
+    assert resolved_after(tmp_path, stem, old, new) != unchanged_params(tmp_path, stem)
