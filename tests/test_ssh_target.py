@@ -328,15 +328,21 @@ def test_a_failed_run_removes_the_remote_folder(sshd_server, onnx_file, tmp_path
     assert leftover_folders(sshd_server) == []
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.edge
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_removes_the_remote_folder(sshd_server, onnx_file, tmp_path,
                                                       signal_number):
     model = carded_copy(onnx_file, tmp_path / "m")
     python = device_python(tmp_path, "exec sleep 30")  # a benchmark that is still running
+    # SIGINT at its default in the CLI, as for a command in a terminal: a test run started in
+    # the background by a shell without job control inherits SIGINT ignored, which Python keeps
     process = subprocess.Popen([*cli_ssh(sshd_server, model), "--remote-python", str(python)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO)
+                               cwd=REPO, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 60
         while not list(sshd_server.folder.glob("prune-deploy.*/feeds.npz")):
@@ -350,6 +356,6 @@ def test_an_interrupted_run_removes_the_remote_folder(sshd_server, onnx_file, tm
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode == 130 and err.strip().endswith("prune-deploy: interrupted")
+    assert process.returncode == 130 and err.strip().endswith("prune-deploy: interrupted"), err
     assert "Traceback" not in err
     assert leftover_folders(sshd_server) == []
