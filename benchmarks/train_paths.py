@@ -83,7 +83,7 @@ class Bench:
             self.teacher_model.load_state_dict(teacher_state)
         self.teachers = {}  # (runtime, channels_last, amp) -> FrozenTeacher, built once
         self.distill = DistillConfig(student_arch="resnet20", temperature=3.0, alpha=0.6,
-                                     teacher_runtime="torch")
+                                     teacher_runtime="torch", teacher_cache=False)
         self.count = 0
 
     def teacher(self, cfg: TrainConfig, path: TrainPath):

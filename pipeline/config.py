@@ -170,6 +170,9 @@ class DistillConfig:
     # what runs the frozen teacher's forward pass: auto = ONNX Runtime when a student trains in
     # fp32 on a CPU, else PyTorch | torch | onnxruntime (CPU only)
     teacher_runtime: Literal["auto", "torch", "onnxruntime"]
+    # run the teacher once over every training view the student stages see (teacher_logits
+    # stage) and serve its logits from that table; false: every student stage runs it live
+    teacher_cache: bool
 
     @field_validator("student_arch")
     @classmethod
@@ -443,6 +446,29 @@ class ProgramBatches:
     benchmark's settings, so new timing or eval settings rebuild no program (minutes)."""
 
     batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)]
+
+
+@dataclass(frozen=True, config=STRICT)
+class ViewSchedule:
+    """How one student stage draws its training views and runs its teacher on them."""
+
+    stage: str  # student_dense | student_pruned | student_final
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    amp: Literal["off", "bf16", "fp16", "auto"]
+    channels_last: bool
+
+
+@dataclass(frozen=True, config=STRICT)
+class TeacherViews:
+    """What the teacher_logits stage reads (resolved/teacher_views.json, derived by
+    validate_params): which views the student stages will show their teacher, and how they
+    run it. A file of its own, so that a new learning rate or temperature recomputes no
+    logits."""
+
+    enabled: bool  # distill.teacher_cache
+    teacher_runtime: Literal["auto", "torch", "onnxruntime"]  # distill.teacher_runtime
+    schedules: tuple[ViewSchedule, ...]  # every student stage that distils from the teacher
 
 
 def input_shape(data: DataConfig) -> tuple[int, int, int]:

@@ -1,16 +1,19 @@
 """What the student stages share: the frozen teacher and the KD training loss."""
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.checkpoint import load_model, read_checkpoint
-from pipeline.config import DistillConfig, TrainConfig
+from pipeline.config import DistillConfig, TrainConfig, ViewSchedule
 from pipeline.distill import DistillationLoss, FrozenTeacher
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.io import file_sha256
 from pipeline.models import build_model
 from pipeline.prune.gates import GatedModel, attach_gates
+from pipeline.teacher_cache import CachedTeacher, read_table, table_context, teacher_mode
 from pipeline.training import LossFn, resolved_amp
 
 
@@ -26,7 +29,8 @@ def teacher_runtime(requested: str, device: torch.device, amp: str) -> str:
     return "onnxruntime" if device.type == "cpu" and amp == "off" else "torch"
 
 
-def freeze_teacher(model: nn.Module, device: torch.device, cfg: TrainConfig, runtime: str,
+def freeze_teacher(model: nn.Module, device: torch.device, cfg: TrainConfig | ViewSchedule,
+                   runtime: str,
                    input_shape: tuple[int, ...]) -> FrozenTeacher:
     """`model` as the frozen teacher of a KD run with schedule `cfg` (its memory format and
     precision decide), its forward pass in the runtime `runtime` resolves to."""
@@ -40,11 +44,33 @@ def freeze_teacher(model: nn.Module, device: torch.device, cfg: TrainConfig, run
     return FrozenTeacher(model)
 
 
-def load_teacher(path, device: torch.device, cfg: TrainConfig,
-                 distill: DistillConfig) -> FrozenTeacher:
+def load_teacher(path, device: torch.device, cfg: TrainConfig, distill: DistillConfig,
+                 logits: Path | None = None) -> FrozenTeacher:
+    """The frozen teacher of a KD run with schedule `cfg`; with `logits` (the teacher_logits
+    stage's table) one that serves the table's rows for the views it holds."""
     loaded = load_model(path, device)
-    return freeze_teacher(loaded.model, device, cfg, distill.teacher_runtime,
-                          tuple(loaded.meta["input_shape"]))
+    shape = tuple(loaded.meta["input_shape"])
+
+    def live() -> FrozenTeacher:
+        return freeze_teacher(loaded.model, device, cfg, distill.teacher_runtime, shape)
+
+    table = read_table(logits) if logits is not None else None
+    if table is None or len(table) == 0:
+        return live()
+    amp = resolved_amp(device, cfg.amp)
+    runtime = teacher_runtime(distill.teacher_runtime, device, amp)
+    mode = teacher_mode(runtime, device, amp, cfg.channels_last)
+    return CachedTeacher(loaded.model.eval(), runtime, table,
+                         table_context(file_sha256(path), mode), live)
+
+
+def teacher_cache_metrics(teacher: FrozenTeacher) -> dict[str, object]:
+    """For a stage's metrics: whether the teacher served logits from a table, and how many
+    images it answered from the table and how many it ran."""
+    if not isinstance(teacher, CachedTeacher):
+        return {"teacher_cache": "off"}
+    return {"teacher_cache": "table", "teacher_images_cached": teacher.cached,
+            "teacher_images_run": teacher.computed}
 
 
 def distillation_loss_fn(teacher: FrozenTeacher, cfg: DistillConfig, label_smoothing: float,

@@ -85,7 +85,8 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
         optimizer, lambda step: lr_factor(cfg, step / steps_per_epoch))
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str):
+    """The autocast context training runs its forward passes in (`amp` as resolved)."""
     if amp == "off":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -129,7 +130,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, amp: str = "off") -> dict[st
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader:
-        with _autocast(images.device, amp):
+        with autocast(images.device, amp):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
@@ -152,7 +153,7 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, amp, prog
     with distributed.data_parallel(model, loader.device) as trained:
         trained.train()
         for images, labels in loader:
-            with _autocast(images.device, amp):
+            with autocast(images.device, amp):
                 loss, logits = loss_fn(trained, images, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -276,11 +277,19 @@ def make_loaders(dataset, cfg: TrainConfig, device: torch.device, seed: int, ran
                  world: int = 1) -> tuple[BatchLoader, BatchLoader]:
     """Augmented, shuffled training batches and plain test batches, both on `device`; process
     `rank` of `world` gets its shard of each (cfg.batch_size is the global batch)."""
-    layout = {"mean": dataset.mean, "std": dataset.std, "device": device,
-              "channels_last": cfg.channels_last, "rank": rank, "world": world}
-    train = BatchLoader(dataset.train, cfg.batch_size, train=True, seed=seed, **layout)
-    test = BatchLoader(dataset.test, cfg.eval_batch_size, train=False, **layout)
+    train = training_loader(dataset, cfg.batch_size, cfg.channels_last, device, seed, rank,
+                            world)
+    test = BatchLoader(dataset.test, cfg.eval_batch_size, dataset.mean, dataset.std, device,
+                       train=False, channels_last=cfg.channels_last, rank=rank, world=world)
     return train, test
+
+
+def training_loader(dataset, batch_size: int, channels_last: bool, device: torch.device,
+                    seed: int, rank: int = 0, world: int = 1) -> BatchLoader:
+    """The augmented, shuffled training batches of a schedule with `batch_size`: the same
+    views, epoch by epoch, for every stage with the same seed and batch size."""
+    return BatchLoader(dataset.train, batch_size, dataset.mean, dataset.std, device, train=True,
+                       seed=seed, channels_last=channels_last, rank=rank, world=world)
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:

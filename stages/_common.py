@@ -34,6 +34,8 @@ class TrainingPaths:
     stage: str
     dataset: Path = Path("data/prepared.npz")
     teacher: Path = Path("models/teacher.pt")
+    # the teacher_logits stage's table; None: the teacher runs live
+    teacher_logits: Path | None = Path("data/teacher_logits.npy")
     start: Path | None = None  # the model training starts from, if not a fresh one
     latency_budget: Path = Path("latency/budget.json")  # a latency budget and its table
 

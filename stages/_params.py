@@ -34,7 +34,9 @@ from pipeline.config import (
     SectionError,
     SlimConfig,
     TeacherConfig,
+    TeacherViews,
     TrainConfig,
+    ViewSchedule,
     WeightConfig,
     apply_profile,
     input_shape,
@@ -89,6 +91,15 @@ class Params:
     def program_batches(self) -> ProgramBatches:
         """The batch sizes fixed-batch programs are built at (export_executorch reads only this)."""
         return ProgramBatches(tuple(sorted(set(self.benchmark.batch_sizes))))
+
+    def teacher_views(self) -> TeacherViews:
+        """What the teacher_logits stage computes (its resolved file: nothing else)."""
+        schedules = tuple(ViewSchedule(stage, cfg.epochs, cfg.batch_size, cfg.amp,
+                                       cfg.channels_last)
+                          for stage, cfg in (("student_dense", self.student_dense),
+                                             ("student_pruned", self.student_pruned),
+                                             ("student_final", self.student_final)))
+        return TeacherViews(self.distill.teacher_cache, self.distill.teacher_runtime, schedules)
 
     def method_settings(self, name: str) -> tuple[MethodBudget, Any]:
         """What method `name`'s prune stage reads: the common budget and its own section."""

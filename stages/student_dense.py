@@ -11,7 +11,7 @@ from pipeline.checkpoint import save_model
 from pipeline.config import DistillConfig, RunConfig, TrainConfig
 from pipeline.io import file_sha256
 from pipeline.models import build_model
-from pipeline.students import distillation_loss_fn, load_teacher
+from pipeline.students import distillation_loss_fn, load_teacher, teacher_cache_metrics
 from pipeline.training import TrainingRun, fit, prepare_model
 from stages._cli import stage_main
 from stages._common import (
@@ -37,7 +37,7 @@ def run(settings: Settings, paths: TrainingPaths) -> dict:
     model = build_model(spec)
     cost = cost_of(model, ctx)
     model = prepare_model(model, cfg, ctx.device)
-    teacher = load_teacher(paths.teacher, ctx.device, cfg, settings.distill)
+    teacher = load_teacher(paths.teacher, ctx.device, cfg, settings.distill, paths.teacher_logits)
     train_loader, test_loader = ctx.loaders(cfg, seed)
     result = fit(model, TrainingRun(
         cfg=cfg, train_loader=train_loader, test_loader=test_loader,
@@ -47,7 +47,8 @@ def run(settings: Settings, paths: TrainingPaths) -> dict:
                                     file_sha256(paths.teacher)),
         title="student_dense"))
     metrics = {**training_metrics(result, cfg, ctx, settings.common),
-               "teacher_runtime": teacher.runtime, "arch": spec["arch"],
+               "teacher_runtime": teacher.runtime, **teacher_cache_metrics(teacher),
+               "arch": spec["arch"],
                "params": cost.params, "macs": cost.macs}
     save_model(paths.model, model, spec, ctx.model_meta(cost, metrics["top1"]))
     write_curves_and_metrics(result, paths.plots, paths.metrics, metrics)

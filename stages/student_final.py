@@ -20,7 +20,13 @@ from pipeline.errors import CheckpointError
 from pipeline.flops import sparse_cost
 from pipeline.io import file_sha256
 from pipeline.prune.sparse import ZeroKeeper
-from pipeline.students import distillation_loss_fn, freeze_teacher, load_gated, load_teacher
+from pipeline.students import (
+    distillation_loss_fn,
+    freeze_teacher,
+    load_gated,
+    load_teacher,
+    teacher_cache_metrics,
+)
 from pipeline.training import TrainingRun, evaluate, fit, prepare_model
 from stages._cli import RESOLVED, load_settings, run_main
 from stages._common import (
@@ -52,7 +58,8 @@ def recovery_teacher(pruning: dict, method: str, paths: TrainingPaths, device,
                      cfg: TrainConfig, distill: DistillConfig) -> tuple[FrozenTeacher, Path]:
     """The teacher the fine-tuning distils from, and the file it came from."""
     if pruning.get("recovery_teacher", "teacher") == "teacher":
-        return load_teacher(paths.teacher, device, cfg, distill), paths.teacher
+        teacher = load_teacher(paths.teacher, device, cfg, distill, paths.teacher_logits)
+        return teacher, paths.teacher
     source = unpruned_path(method)
     gated, _, meta = load_gated(source, device)
     unpruned = gated.plain_copy()  # every gate open: the trained network before pruning
@@ -88,7 +95,7 @@ def run(settings: Settings, method: str, paths: TrainingPaths) -> dict:
         keeper.remove()
     sparse = sparse_cost(model, ctx.input_shape)
     metrics = {**training_metrics(result, cfg, ctx, settings.common), "method": method,
-               "teacher_runtime": teacher.runtime,
+               "teacher_runtime": teacher.runtime, **teacher_cache_metrics(teacher),
                "top1_before_finetune": top1_before, "arch": loaded.spec["arch"],
                "params": cost.params, "macs": cost.macs, "params_nonzero": sparse.params_nonzero,
                "macs_nonzero": sparse.macs_nonzero, "sparsity": sparse.sparsity,

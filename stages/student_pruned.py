@@ -45,7 +45,7 @@ from pipeline.prune.latency import (
 from pipeline.prune.method import PruneJob, PruneOutcome
 from pipeline.prune.registry import make_method, method_module
 from pipeline.prune.slimming import slim
-from pipeline.students import load_teacher
+from pipeline.students import load_teacher, teacher_cache_metrics
 from pipeline.training import evaluate, prepare_model
 from stages._cli import RESOLVED, load_settings, run_main
 from stages._common import (
@@ -145,7 +145,7 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
     student = build_model(spec)  # first, right after seeding: every method starts alike
     cost_before = cost_of(student, ctx)
     student = prepare_model(student, cfg, ctx.device)
-    teacher = load_teacher(paths.teacher, ctx.device, cfg, settings.distill)
+    teacher = load_teacher(paths.teacher, ctx.device, cfg, settings.distill, paths.teacher_logits)
     train_loader, test_loader = ctx.loaders(cfg, seed)
     pruner = make_method(method.name, method.settings)
     latency = latency_plan(method.budget, paths.latency_budget)
@@ -166,7 +166,8 @@ def run(settings: Settings, method: MethodSettings, paths: TrainingPaths) -> dic
         latency=latency, width_table=widths)
     outcome = pruner.prune(job)
     trained = training_metrics(outcome.result, cfg, ctx, settings.common)
-    metrics = {**trained, "teacher_runtime": teacher.runtime, "top1_trained": trained["top1"],
+    metrics = {**trained, "teacher_runtime": teacher.runtime, **teacher_cache_metrics(teacher),
+               "top1_trained": trained["top1"],
                "method": method.name,
                "arch": spec["arch"], "params_before": cost_before.params,
                "macs_before": cost_before.macs,

@@ -13,11 +13,13 @@ name at run time, and DVC cannot give each item of a foreach stage its own list 
 so benchmark@<target> depends on this hash instead: editing targets/ssh.py re-runs the ssh-*
 benchmarks and no other (this stage imports every target, so it re-runs too, in seconds).
 
-Two files are derived for stages that read a few keys of other sections and take minutes:
+Three files are derived for stages that read a few keys of other sections and take minutes:
 resolved/latency_networks.json (the teacher's and the student's architectures, the input shape,
-the export opset and simplifier: all latency_table reads) and resolved/program_batches.json
-(benchmark.batch_sizes: all export_executorch reads). A new learning rate, temperature or
-benchmark timing re-runs neither.
+the export opset and simplifier: all latency_table reads), resolved/program_batches.json
+(benchmark.batch_sizes: all export_executorch reads) and resolved/teacher_views.json (the
+student stages' epochs, batch sizes, precision and memory format, the teacher's runtime and
+distill.teacher_cache: all teacher_logits reads). A new learning rate, temperature or benchmark
+timing re-runs none of them.
 
 Pruning methods work the same way: resolved/methods/<method>.json holds what
 student_pruned@<method> reads (the method's section plus the common MACs target and rounding,
@@ -47,6 +49,7 @@ def resolved_documents(params: Params) -> dict[str, Any]:
     documents["common"] = {"profile": params.profile, **documents["common"]}
     documents["latency_networks"] = as_dict(params.latency_networks())
     documents["program_batches"] = as_dict(params.program_batches())
+    documents["teacher_views"] = as_dict(params.teacher_views())
     for name in target_names():
         documents[f"targets/{name}"] = as_dict(params.target_settings(name))
     for name in METHOD_NAMES:

@@ -110,8 +110,9 @@ def _pdd(student: nn.Module):
                          generator=torch.Generator().manual_seed(0)).double()
     torch.manual_seed(1)
     teacher = FrozenTeacher(AsFloat64(build_model({"arch": "resnet20", "num_classes": 4})))
-    loss = distillation_loss_fn(teacher, DistillConfig(student_arch="resnet20", temperature=3.0,
-                                                       alpha=0.6, teacher_runtime="torch"), 0.0,
+    distill = DistillConfig(student_arch="resnet20", temperature=3.0, alpha=0.6,
+                            teacher_runtime="torch", teacher_cache=False)
+    loss = distillation_loss_fn(teacher, distill, 0.0,
                                 lambda: 2.0 * macs_penalty(gated, 0.5))
     groups = [{"params": list(gated.model.parameters())},
               {"params": gated.gate_parameters(), "lr": 0.1, "weight_decay": 0.0}]

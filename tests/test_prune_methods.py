@@ -53,7 +53,7 @@ def make_job(tmp_path, target: float | None, round_to: int = 1, epochs: int = 1)
                                          "base_width": 4}))
     return PruneJob(student=build_model(SMALL), teacher=teacher, train=cfg,
                     distill=DistillConfig(student_arch="resnet20", temperature=3.0, alpha=0.6,
-                                          teacher_runtime="torch"),
+                                          teacher_runtime="torch", teacher_cache=False),
                     target_macs=target, round_to=round_to, seed=0, train_loader=train,
                     test_loader=test, example_input=EXAMPLE, checkpoint=tmp_path / "ckpt.pt",
                     fingerprint="test", title="test")

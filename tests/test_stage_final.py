@@ -27,7 +27,8 @@ def settings() -> final_stage.Settings:
     return final_stage.Settings(common=RunConfig(seed=0, device="cpu", threads=0,
                                                  distributed=ONE_PROCESS, profile="smoke"),
                                 distill=DistillConfig(student_arch="resnet20", temperature=3.0,
-                                                      alpha=0.6, teacher_runtime="torch"),
+                                                      alpha=0.6, teacher_runtime="torch",
+                                                      teacher_cache=False),
                                 student_final=schedule)
 
 
@@ -41,7 +42,8 @@ def workspace(tmp_path, method: str, pruning: dict, model) -> TrainingPaths:
     save_model(tmp_path / "teacher.pt", build_model(SPEC), SPEC, meta)
     save_model(tmp_path / "slim.pt", model, SPEC, {**meta, "pruning": pruning})
     return TrainingPaths(f"student_final_{method}", dataset=tmp_path / "prepared.npz",
-                         teacher=tmp_path / "teacher.pt", start=tmp_path / "slim.pt")
+                         teacher=tmp_path / "teacher.pt", teacher_logits=None,
+                         start=tmp_path / "slim.pt")
 
 
 def test_a_sparse_student_keeps_every_zero(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from pipeline.training import TrainingRun, effective_amp, fit, make_loaders
 CPU = torch.device("cpu")
 SMALL = {"arch": "resnet20", "num_classes": 4, "base_width": 4}
 DISTILL = DistillConfig(student_arch="resnet20", temperature=3.0, alpha=0.6,
-                        teacher_runtime="auto")
+                        teacher_runtime="auto", teacher_cache=False)
 BF16_FLAGS = frozenset({"avx2", "avx512f", "avx512_bf16"})
 
 
