@@ -7,8 +7,12 @@ stages' loaders, loss functions and teacher wrappers), on CIFAR-sized images:
     kd       ResNet20 trained by KD from a frozen ResNet56    (student_dense, student_final)
     pdd      gated ResNet20 trained by PDD from the teacher   (student_pruned@pdd)
 
-A path is (autocast precision, memory format, what runs the teacher's forward). `today` is the
-code path before the speed work (fp32, channels_last, teacher in PyTorch eager). Each
+A path is (autocast precision, memory format, what runs the teacher's forward, and whether the
+teacher's logits come from a table). `today` is the code path before the speed work (fp32,
+channels_last, teacher in PyTorch eager). A `+logit-table` path serves the teacher from the
+table the teacher_logits stage would make (pipeline.teacher_cache), built before the timed
+epochs over exactly their views; its build rate (teacher forwards per second, paid once per view
+for all student stages) is recorded apart under `logit_table_views_per_second`. Each
 measurement trains 2 epochs of `--images` images and times the second (the first warms up
 oneDNN/ONNX Runtime); repeats cycle through all paths so that machine noise hits them alike.
 The result file records medians, ratios to `today`, the samples, the CPU, its ISA flags and
@@ -36,7 +40,17 @@ from pipeline.models import build_model
 from pipeline.prune.method import PruneJob
 from pipeline.prune.pdd import Method as Pdd
 from pipeline.students import distillation_loss_fn, freeze_teacher
-from pipeline.training import TrainingRun, cross_entropy_loss, fit, make_loaders, prepare_model
+from pipeline.teacher_cache import CachedTeacher, TableBuilder, table_context, teacher_mode
+from pipeline.training import (
+    TrainingRun,
+    autocast,
+    cross_entropy_loss,
+    effective_amp,
+    fit,
+    make_loaders,
+    prepare_model,
+    training_loader,
+)
 
 INPUT_SHAPE = (3, 32, 32)
 TODAY = "today"
@@ -50,6 +64,7 @@ class TrainPath:
     amp: str  # autocast precision requested (effective_amp decides what runs)
     channels_last: bool
     teacher_runtime: str  # torch | onnxruntime
+    logit_table: bool = False  # teacher answered from a table of the measured views
 
 
 PATHS = (
@@ -59,11 +74,14 @@ PATHS = (
     TrainPath("channels-first+onnxruntime-teacher", "off", False, "onnxruntime"),
     TrainPath("bf16", "bf16", True, "torch"),
     TrainPath("bf16+onnxruntime-teacher", "bf16", True, "onnxruntime"),
+    TrainPath("onnxruntime-teacher+logit-table", "off", True, "onnxruntime", logit_table=True),
+    TrainPath("bf16+logit-table", "bf16", True, "torch", logit_table=True),
 )
 WORKLOAD_PATHS = {  # the teacher trains alone: its path has no teacher runtime to vary
     "teacher": (TODAY, "channels-first", "bf16"),
     "kd": tuple(p.name for p in PATHS),
-    "pdd": (TODAY, "onnxruntime-teacher", "channels-first+onnxruntime-teacher", "bf16"),
+    "pdd": (TODAY, "onnxruntime-teacher", "channels-first+onnxruntime-teacher", "bf16",
+            "onnxruntime-teacher+logit-table", "bf16+logit-table"),
 }
 
 
@@ -81,17 +99,36 @@ class Bench:
         self.teacher_model = build_model({"arch": "resnet56", "num_classes": 10})
         if teacher_state is not None:
             self.teacher_model.load_state_dict(teacher_state)
-        self.teachers = {}  # (runtime, channels_last, amp) -> FrozenTeacher, built once
+        self.teachers = {}  # (runtime, channels_last, amp, table) -> FrozenTeacher, built once
+        self.table_rates: dict[str, list[float]] = {}  # path -> views/s of its table builds
         self.distill = DistillConfig(student_arch="resnet20", temperature=3.0, alpha=0.6,
                                      teacher_runtime="torch", teacher_cache=False)
         self.count = 0
 
     def teacher(self, cfg: TrainConfig, path: TrainPath):
-        key = (path.teacher_runtime, cfg.channels_last, cfg.amp)
+        key = (path.teacher_runtime, cfg.channels_last, cfg.amp, path.logit_table)
         if key not in self.teachers:
-            self.teachers[key] = freeze_teacher(copy.deepcopy(self.teacher_model), self.device,
-                                                cfg, path.teacher_runtime, INPUT_SHAPE)
+            live = freeze_teacher(copy.deepcopy(self.teacher_model), self.device, cfg,
+                                  path.teacher_runtime, INPUT_SHAPE)
+            self.teachers[key] = self._tabled(live, cfg, path) if path.logit_table else live
         return self.teachers[key]
+
+    def _tabled(self, live, cfg: TrainConfig, path: TrainPath) -> CachedTeacher:
+        """`live` behind a table of every view the measurement's epochs draw (the same each
+        repeat: same seed), as the teacher_logits stage builds it; the build is timed apart."""
+        amp = effective_amp(self.device, cfg.amp)
+        context = table_context("benchmark", teacher_mode(live.runtime, self.device, amp,
+                                                         cfg.channels_last))
+        builder = TableBuilder(live, context)
+        loader = training_loader(self.dataset, cfg.batch_size, cfg.channels_last, self.device, 0)
+        began = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            loader.set_epoch(epoch)
+            builder.add((images for images, _ in loader), lambda: autocast(self.device, amp))
+        rate = len(builder.keys) / (time.perf_counter() - began)
+        self.table_rates.setdefault(path.name, []).append(round(rate, 1))
+        table = builder.table(len(self.dataset.classes))
+        return CachedTeacher(live.teacher, live.runtime, table, context, make_live=lambda: live)
 
     def _fresh_run(self, cfg: TrainConfig):
         """Loaders and a checkpoint path no earlier measurement used (nothing resumes)."""
@@ -116,9 +153,14 @@ class Bench:
         teacher = self.teacher(cfg, path)
         student = prepare_model(build_model({"arch": "resnet20"}), cfg, self.device)
         if workload == "kd":
-            return self._run(cfg, student, distillation_loss_fn(teacher, self.distill, 0.0),
+            rate = self._run(cfg, student, distillation_loss_fn(teacher, self.distill, 0.0),
                              workload)
-        return self._pdd(cfg, student, teacher)
+        else:
+            rate = self._pdd(cfg, student, teacher)
+        if isinstance(teacher, CachedTeacher) and teacher.computed:
+            raise RuntimeError(f"{path.name}: the table missed {teacher.computed} views; the "
+                               "measurement ran the teacher live")
+        return rate
 
     def _pdd(self, cfg: TrainConfig, student, teacher) -> float:
         train, test, checkpoint = self._fresh_run(cfg)
@@ -190,11 +232,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=provenance.usable_cores())
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOAD_PATHS),
                         choices=list(WORKLOAD_PATHS))
+    parser.add_argument("--paths", nargs="+", default=[p.name for p in PATHS],
+                        choices=[p.name for p in PATHS], help="default: all (today always)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dataset, data_note = dataset_for(args)
     state = None if args.teacher is None else load_model(args.teacher).model.state_dict()
     paths, skipped = runnable_paths()
+    paths = [p for p in paths if p.name in {TODAY, *args.paths}]
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         bench = Bench(dataset, state, args.batch_size, Path(workdir))
@@ -205,7 +250,9 @@ def main() -> None:
                              "settings": {k: str(v) for k, v in vars(args).items()},
                              "wall_seconds": round(time.perf_counter() - began, 1)},
               "paths": {p.name: {"amp": p.amp, "channels_last": p.channels_last,
-                                 "teacher_runtime": p.teacher_runtime} for p in PATHS},
+                                 "teacher_runtime": p.teacher_runtime,
+                                 "logit_table": p.logit_table} for p in PATHS},
+              "logit_table_views_per_second": bench.table_rates,
               "skipped": skipped, "summary": summarise(samples), "samples": samples}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -34,7 +34,7 @@ from pipeline.parity import batched_logits, measure_parity, runner_predictor, to
 from stages._cli import RESOLVED, load_settings, run_main
 from targets.base import EngineBuilder, Runner, Target
 from targets.engines import TensorRtSettings
-from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
+from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings, qdq_reference
 from targets.registry import make_target, target_class
 
 log = logging.getLogger("engine")
@@ -117,7 +117,9 @@ def check_parity_here(target: Target, engine: Path, onnx: Path, precision: str,
     """The engine against ONNX Runtime CPU on the same ONNX file and real test images."""
     images, labels = parity_images(paths, read_card(card_path(onnx)),
                                    settings.engine.parity_images)
-    reference_target = make_target("onnxruntime-cpu", settings.onnxruntime)
+    reference_settings = (qdq_reference(settings.onnxruntime) if precision == "int8"
+                          else settings.onnxruntime)  # INT8: the .int8.trt.onnx as written
+    reference_target = make_target("onnxruntime-cpu", reference_settings)
     with reference_target.load(onnx) as reference:
         expected = batched_logits(runner_predictor(reference, reference.inputs[0].name,
                                                    "logits"), images, 256)

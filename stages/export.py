@@ -8,8 +8,10 @@ metrics/export_<m>.json: per
 file - the unsimplified export included, which is kept only while the stage runs - its parity
 with PyTorch at batch 1 and at the parity batch, batch-1 vs large-batch consistency, node
 counts, size and ONNX Runtime top-1 on the test set. Parity runs in ONNX Runtime with the
-onnxruntime-cpu target's settings. Any failed gate stops the stage before a card is written, so
-`load_verified_onnx` refuses what a failed run left behind.
+onnxruntime-cpu target's settings; the TensorRT INT8 file runs as written, graph optimisation
+off (the QDQ arithmetic TensorRT implements, not this CPU's int8 kernels, which saturate on
+CPUs without VNNI: targets.onnxruntime_cpu.qdq_reference). Any failed gate stops the stage
+before a card is written, so `load_verified_onnx` refuses what a failed run left behind.
 """
 
 import argparse
@@ -55,7 +57,7 @@ from pipeline.parity import (
     torch_predictor,
 )
 from stages._cli import RESOLVED, load_settings, run_main
-from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings, OnnxRuntimeCpuTarget
+from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings, OnnxRuntimeCpuTarget, qdq_reference
 
 log = logging.getLogger("stages.export")
 
@@ -147,9 +149,15 @@ def save_variants(variants: dict[str, onnx.ModelProto], cards: dict[str, dict[st
     return paths
 
 
+def verifying_target(variant: str, runtime: OnnxRuntimeCpuSettings) -> OnnxRuntimeCpuTarget:
+    """ONNX Runtime as the variant is checked: the TensorRT INT8 file as written (its QDQ
+    arithmetic, not this CPU's int8 kernels: targets.onnxruntime_cpu.qdq_reference)."""
+    return OnnxRuntimeCpuTarget(qdq_reference(runtime) if variant == "int8_trt" else runtime)
+
+
 def verify_variants(paths: dict[str, Path], variants: dict[str, onnx.ModelProto],
                     loaded: LoadedModel, images: Images, cfg: ExportConfig,
-                    target: OnnxRuntimeCpuTarget) -> dict[str, Any]:
+                    runtime: OnnxRuntimeCpuSettings) -> dict[str, Any]:
     """Parity gates and top-1 of every file through ONNX Runtime; raises on a failed gate."""
     batches = (1, cfg.parity_batch)
     predict = torch_predictor(loaded.model)
@@ -158,7 +166,8 @@ def verify_variants(paths: dict[str, Path], variants: dict[str, onnx.ModelProto]
     logits: dict[str, dict[int, np.ndarray]] = {}
     for variant, path in paths.items():
         log.info("verifying %s in ONNX Runtime", path.name)
-        logits[variant], top1 = evaluate(path, target, images, batches, cfg.eval_batch)
+        logits[variant], top1 = evaluate(path, verifying_target(variant, runtime), images,
+                                         batches, cfg.eval_batch)
         tolerance = tolerance_for(VARIANTS[variant], cfg)
         parity = {**reference_gates(path.name, logits[variant], reference, "torch", tolerance),
                   **consistency_gate(path.name, logits[variant], tolerance)}
@@ -185,8 +194,7 @@ def run(cfg: ExportConfig, runtime: OnnxRuntimeCpuSettings, model_path: Path,
              for variant in SHIPPED}
     with tempfile.TemporaryDirectory(prefix="export-") as work_dir:
         paths = save_variants(variants, cards, out_dir, Path(work_dir), name)
-        files = verify_variants(paths, variants, loaded, images, cfg,
-                                OnnxRuntimeCpuTarget(runtime))
+        files = verify_variants(paths, variants, loaded, images, cfg, runtime)
     files["exported"]["path"] = None  # checked, not shipped
     drop = check_int8_drop(files["fp32"]["top1"], files["int8"]["top1"],
                            cfg.quantize.max_top1_drop)

@@ -114,8 +114,11 @@ class OnnxAsEngine(Target, EngineBuilder):
         return engine
 
     def load(self, artifact):
-        data, _ = load_verified_engine(artifact)
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        data, card = load_verified_engine(artifact)
+        options = ort.SessionOptions()
+        if card["precision"] == "int8":  # as TensorRT computes it: the QDQ file as written
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         return LogitsRunner(OnnxRuntimeRunner(session, Path(artifact)), self.noise)
 
 

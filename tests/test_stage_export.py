@@ -179,3 +179,31 @@ def test_main_reads_resolved_settings_and_writes_the_metrics_file(tmp_path, monk
                      "name": "teacher"}
     assert json.loads((tmp_path / "metrics" / "export_teacher.json").read_text()) == {
         "model": "teacher"}
+
+
+def test_the_tensorrt_int8_file_is_checked_as_written_not_through_fused_int8_kernels():
+    """ONNX Runtime's fused int8 kernels saturate on CPUs without VNNI (16-bit pair sums) with
+    the TensorRT file's full-range weights; its gates must see the QDQ arithmetic TensorRT
+    runs, whichever CPU checks it."""
+    checked = export_stage.verifying_target("int8_trt", RUNTIME).settings
+    assert checked.graph_optimization == "disable"
+    assert (checked.intra_op_threads, checked.providers) == (1, ("CPUExecutionProvider",))
+    for variant in ("exported", "fp32", "fp16", "int8"):
+        assert export_stage.verifying_target(variant, RUNTIME).settings == RUNTIME
+
+
+def test_the_tensorrt_int8_top1_is_the_files_own_qdq_arithmetic(workspace, result):
+    from pipeline.data import load_prepared, normalize  # noqa: PLC0415 - this test only
+
+    dataset = load_prepared(workspace / "data" / "prepared.npz")
+    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
+    images = normalize(dataset.test.images, mean, std).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        str(workspace / "artifacts" / "student_final_pdd.int8.trt.onnx"), options,
+        providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
+    top1 = float((logits.argmax(1) == dataset.test.labels.numpy()).mean())
+    assert result["files"]["int8_trt"]["top1"] == pytest.approx(top1)
