@@ -141,10 +141,15 @@ def test_kd_with_the_onnxruntime_teacher_is_deterministic(tmp_path):
     first = kd_fit(tmp_path, teacher, "a")
     second = kd_fit(tmp_path, teacher, "b")
     assert_same_weights(first, second)
-    eager = kd_fit(tmp_path, freeze_teacher(small_teacher(), CPU, schedule(), "torch",
-                                            (3, 32, 32)), "c")
-    diffs = [float((first[k].float() - eager[k].float()).abs().max()) for k in first]
-    assert max(diffs) < 1e-3  # the same training as with the eager teacher, up to rounding
+    # The same teacher as the eager one up to rounding, on every training batch. (Weights after
+    # training are no measure: SGD amplifies rounding, and how far depends on the CPU and the
+    # thread count - 0.019 apart with 1 thread on an AVX2 host.)
+    eager = freeze_teacher(small_teacher(), CPU, schedule(), "torch", (3, 32, 32))
+    train, _ = make_loaders(make_synthetic(64, 32, 4, seed=0), schedule(), CPU, seed=0)
+    for images, _ in train:
+        expected = eager(images)
+        assert float((teacher(images) - expected).abs().max()) <= 1e-4 * float(
+            expected.abs().max())
 
 
 @pytest.mark.skipif(not cpu.native_bf16(), reason="this CPU has no native bf16")
