@@ -71,8 +71,8 @@ def read_table(path: Path) -> np.ndarray:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a teacher-logit table ({err})") from err
     names = table.dtype.names or ()
-    if (names != ("key", "logits") or table.ndim != 1
-            or table.dtype != table_dtype(table.dtype["logits"].shape[0] if names else 0)):
+    classes = table.dtype["logits"].shape[:1] if names == ("key", "logits") else ()
+    if not classes or table.ndim != 1 or table.dtype != table_dtype(classes[0]):
         raise CheckpointError(f"{path}: not a teacher-logit table (dtype {table.dtype}, "
                               f"shape {table.shape}); run the teacher_logits stage again")
     return table

@@ -149,7 +149,8 @@ def test_tables_round_trip_and_other_files_are_refused(tmp_path):
     assert read_table(tmp_path / "t.npy").tobytes() == table.tobytes()
     np.save(tmp_path / "floats.npy", np.zeros((3, 4), np.float32))
     np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    for name in ("floats.npy", "pickled.npy", "missing.npy"):
+    np.save(tmp_path / "scalar.npy", np.zeros(3, [("key", "V16"), ("logits", "<f4")]))
+    for name in ("floats.npy", "pickled.npy", "missing.npy", "scalar.npy"):
         with pytest.raises(CheckpointError, match="teacher-logit table"):
             read_table(tmp_path / name)
 
