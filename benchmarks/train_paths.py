@@ -9,9 +9,10 @@ stages' loaders, loss functions and teacher wrappers), on CIFAR-sized images:
 
 A path is (autocast precision, memory format, what runs the teacher's forward, and whether the
 teacher's logits come from a table). `today` is the code path before the speed work (fp32,
-channels_last, teacher in PyTorch eager). A `+logit-table` path serves the teacher from the
+channels_last, teacher in PyTorch eager). A `logit-table` path serves the teacher from the
 table the teacher_logits stage would make (pipeline.teacher_cache), built before the timed
-epochs over exactly their views; its build rate (teacher forwards per second, paid once per view
+epochs over exactly their views (`logit-table` alone: today's teacher, the stages' default;
+`onnxruntime-teacher+logit-table`: the table built by ONNX Runtime); its build rate (teacher forwards per second, paid once per view
 for all student stages) is recorded apart under `logit_table_views_per_second`. Each
 measurement trains 2 epochs of `--images` images and times the second (the first warms up
 oneDNN/ONNX Runtime); repeats cycle through all paths so that machine noise hits them alike.
@@ -74,6 +75,7 @@ PATHS = (
     TrainPath("channels-first+onnxruntime-teacher", "off", False, "onnxruntime"),
     TrainPath("bf16", "bf16", True, "torch"),
     TrainPath("bf16+onnxruntime-teacher", "bf16", True, "onnxruntime"),
+    TrainPath("logit-table", "off", True, "torch", logit_table=True),  # the stages' default
     TrainPath("onnxruntime-teacher+logit-table", "off", True, "onnxruntime", logit_table=True),
     TrainPath("bf16+logit-table", "bf16", True, "torch", logit_table=True),
 )
@@ -81,7 +83,7 @@ WORKLOAD_PATHS = {  # the teacher trains alone: its path has no teacher runtime 
     "teacher": (TODAY, "channels-first", "bf16"),
     "kd": tuple(p.name for p in PATHS),
     "pdd": (TODAY, "onnxruntime-teacher", "channels-first+onnxruntime-teacher", "bf16",
-            "onnxruntime-teacher+logit-table", "bf16+logit-table"),
+            "logit-table", "onnxruntime-teacher+logit-table", "bf16+logit-table"),
 }
 
 

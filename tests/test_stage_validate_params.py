@@ -63,7 +63,7 @@ def unchanged_params(tmp_path: Path, stem: str) -> bytes:
 # those keys, so that a change of any other key re-runs nothing that takes minutes.
 UNREAD = [
     ("latency_networks", "  temperature: 3.0", "  temperature: 4.0"),  # not the student's arch
-    ("latency_networks", "teacher_runtime: auto", "teacher_runtime: torch"),
+    ("latency_networks", "teacher_runtime: torch", "teacher_runtime: auto"),
     ("latency_networks", "  lr: 0.1\n", "  lr: 0.05\n"),  # the teacher's schedule
     ("latency_networks", "train_limit: 10000", "train_limit: 5000"),
     ("latency_networks", "parity_images: 256", "parity_images: 128"),  # not how graphs export
