@@ -12,8 +12,9 @@ teacher's logits come from a table). `today` is the code path before the speed w
 channels_last, teacher in PyTorch eager). A `logit-table` path serves the teacher from the
 table the teacher_logits stage would make (pipeline.teacher_cache), built before the timed
 epochs over exactly their views (`logit-table` alone: today's teacher, the stages' default;
-`onnxruntime-teacher+logit-table`: the table built by ONNX Runtime); its build rate (teacher forwards per second, paid once per view
-for all student stages) is recorded apart under `logit_table_views_per_second`. Each
+`onnxruntime-teacher+logit-table`: the table built by ONNX Runtime); its build rate (teacher
+forwards per second, paid once per view for all student stages) is recorded apart under
+`logit_table_views_per_second`. Each
 measurement trains 2 epochs of `--images` images and times the second (the first warms up
 oneDNN/ONNX Runtime); repeats cycle through all paths so that machine noise hits them alike.
 The result file records medians, ratios to `today`, the samples, the CPU, its ISA flags and
