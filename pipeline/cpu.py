@@ -11,8 +11,6 @@ import functools
 import os
 from pathlib import Path
 
-import torch
-
 # The instruction-set flags that decide which kernels run (Linux /proc/cpuinfo names).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
              "amx_bf16", "amx_int8", "avx512_fp16")
@@ -48,6 +46,14 @@ def isa_caps() -> dict[str, str | None]:
             "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY")}
 
 
+def aten_capability() -> str:
+    """ATen's kernel dispatch level here ("AVX512", "AVX2", "DEFAULT", ...); imports torch,
+    which is why this module does not at load (pipeline.io says why)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def native_bf16(flags: frozenset[str] | None = None) -> bool:
     """Whether bf16 convolutions and matmuls run on native instructions here (and are not
     capped away): only then is bf16 autocast on the CPU faster than fp32."""
@@ -55,13 +61,13 @@ def native_bf16(flags: frozenset[str] | None = None) -> bool:
     if not any(flag in flags for flag in NATIVE_BF16_FLAGS):
         return False
     onednn_cap = (isa_caps()["ONEDNN_MAX_CPU_ISA"] or "ALL").upper()
-    aten = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    aten = aten_capability()  # "AVX512", "AVX2", "DEFAULT", ...
     return onednn_cap not in ONEDNN_CAPS_WITHOUT_BF16 and aten.startswith("AVX512")
 
 
 def describe() -> dict[str, object]:
     """This CPU's ISA as recorded with measurements: flags present, caps, ATen's dispatch."""
     return {"isa_flags": sorted(flag for flag in ISA_FLAGS if flag in cpu_flags()),
-            "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "aten_capability": aten_capability(),
             "isa_caps": {name: value for name, value in isa_caps().items() if value},
             "native_bf16": native_bf16()}

@@ -10,11 +10,12 @@ the measured and the allowed numbers.
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
 
 from pipeline.config import ExportConfig, ParityTolerance
 from pipeline.errors import ParityError
@@ -89,8 +90,12 @@ def check_parity(result: ParityResult, tolerance: ParityTolerance) -> ParityResu
     return result
 
 
-def torch_predictor(model: nn.Module) -> Predict:
-    """Inference-mode forward passes of a PyTorch model, on whatever device it lives on."""
+def torch_predictor(model: "torch.nn.Module") -> Predict:
+    """Inference-mode forward passes of a PyTorch model, on whatever device it lives on
+    (torch is imported here: the gates themselves are numpy, and a stage that skips its
+    target must not pay for torch, pipeline.io says why)."""
+    import torch
+
     if model.training:  # BatchNorm/dropout in training mode would make every gate meaningless
         raise ParityError(f"{type(model).__name__} is in training mode; call .eval() first")
     parameter = next(model.parameters(), None)

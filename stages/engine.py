@@ -26,7 +26,6 @@ import numpy as np
 
 from pipeline.artifacts import PRECISIONS, TIMING_CACHE, card_path, engine_folder, final_model
 from pipeline.config import EngineConfig, PruneConfig, load_section
-from pipeline.data import load_prepared
 from pipeline.errors import ConfigError, ParityError, PipelineError, TargetUnavailable
 from pipeline.export.cards import load_verified_engine, read_card
 from pipeline.io import write_json
@@ -75,6 +74,8 @@ def prepare_folder(folder: Path) -> None:
 def parity_images(paths: EnginePaths, card: dict[str, Any], count: int) -> tuple[np.ndarray,
                                                                                   np.ndarray]:
     """The first `count` test images, normalised as the ONNX card says, and their labels."""
+    from pipeline.data import load_prepared  # torch: only where an engine runs here
+
     test = load_prepared(paths.dataset).test
     mean = np.asarray(card["mean"], np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(card["std"], np.float32).reshape(1, -1, 1, 1)

@@ -26,9 +26,8 @@ import onnx
 import torch
 
 from pipeline.artifacts import TENSORRT_FLAVOR, artifact_path, card_path
-from pipeline.checkpoint import LoadedModel, load_model
+from pipeline.checkpoint import LoadedModel
 from pipeline.config import ExportConfig, RunConfig, as_dict
-from pipeline.data import load_prepared
 from pipeline.export.cards import (
     describe_source,
     embed_card,
@@ -36,7 +35,7 @@ from pipeline.export.cards import (
     provenance,
     write_card,
 )
-from pipeline.export.images import Images, prepare_images
+from pipeline.export.images import Images, model_and_images
 from pipeline.export.onnx_export import export_onnx, node_counts, save_onnx
 from pipeline.export.quantize import (
     TENSORRT_INT8_OPTIONS,
@@ -183,9 +182,8 @@ def run(cfg: ExportConfig, runtime: OnnxRuntimeCpuSettings, model_path: Path,
     """Export, verify and card every variant of one model; returns the metrics dict."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     name = name or model_path.stem
-    loaded = load_model(model_path)
+    loaded, images = model_and_images(model_path, dataset_path, cfg)
     source = describe_source(loaded, model_path, name)
-    images = prepare_images(load_prepared(dataset_path), loaded.meta, cfg)
     input_shape = tuple(int(v) for v in loaded.meta["input_shape"])
     variants, simplify_report = build_variants(loaded, cfg, images, input_shape)
     record = provenance()

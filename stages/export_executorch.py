@@ -17,17 +17,13 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.artifacts import artifact_path, model_folder
-from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import ExportConfig, ProgramBatches, RunConfig, as_dict
-from pipeline.data import load_prepared
 from pipeline.export.cards import describe_source, make_card, provenance, write_card
-from pipeline.export.executorch import LoweredProgram, export_programs
-from pipeline.export.images import Images, prepare_images
 from pipeline.io import atomic_write_bytes, file_sha256, set_threads, staged_folder, write_json
 from pipeline.parity import (
     batched_logits,
@@ -44,6 +40,11 @@ from stages._cli import RESOLVED, load_settings, run_main
 from targets.base import Target
 from targets.executorch_xnnpack import ExecuTorchSettings
 from targets.registry import make_target
+
+if TYPE_CHECKING:  # all import torch, which a skipped stage never needs
+    from pipeline.checkpoint import LoadedModel
+    from pipeline.export.executorch import LoweredProgram
+    from pipeline.export.images import Images
 
 log = logging.getLogger("stages.export_executorch")
 PRECISIONS = ("fp32", "int8")
@@ -71,7 +72,7 @@ class Paths:
 
 
 def check_programs(paths: dict[int, Path], precision: str, target: Target,
-                   reference: dict[int, np.ndarray], images: Images,
+                   reference: dict[int, np.ndarray], images: "Images",
                    cfg: ExportConfig) -> dict[int, dict[str, Any]]:
     """Gates (against PyTorch's `reference` logits per batch size) and test-set top-1 of one
     precision's programs (batch -> results); raises ParityError on a failed gate."""
@@ -90,7 +91,7 @@ def check_programs(paths: dict[int, Path], precision: str, target: Target,
     return checked
 
 
-def card_for(source: dict, precision: str, program: LoweredProgram, cfg: ExportConfig,
+def card_for(source: dict, precision: str, program: "LoweredProgram", cfg: ExportConfig,
              record: dict) -> dict:
     card = make_card(source, precision, None, {
         "exporter": "torch.export + executorch.exir.to_edge_transform_and_lower",
@@ -106,9 +107,11 @@ def card_for(source: dict, precision: str, program: LoweredProgram, cfg: ExportC
     return card
 
 
-def build_and_check(loaded: LoadedModel, name: str, images: Images, settings: Settings,
+def build_and_check(loaded: "LoadedModel", name: str, images: "Images", settings: Settings,
                     paths: Paths, staging: Path) -> dict[str, Any]:
     """Every program written to `staging`, gated, then carded; returns the metrics' files."""
+    from pipeline.export.executorch import export_programs  # torch: see run()
+
     cfg, batches = settings.export, settings.batches.batch_sizes
     target = make_target("executorch-xnnpack", settings.executorch)
     shape = tuple(int(v) for v in loaded.meta["input_shape"])
@@ -161,8 +164,12 @@ def run(settings: Settings, paths: Paths, name: str) -> dict[str, Any]:
         with staged_folder(folder):
             pass  # the folder (this stage's output) is left empty
         return {"model": name, "status": "skipped", "reason": reason, "files": {}}
-    loaded = load_model(paths.model)
-    images = prepare_images(load_prepared(paths.dataset), loaded.meta, settings.export)
+    # torch (the model, the images) is imported only now that the target is here: a
+    # machine without it skips this stage in well under a second (pipeline.io)
+    from pipeline.export.images import model_and_images
+
+    set_threads(settings.common.threads)
+    loaded, images = model_and_images(paths.model, paths.dataset, settings.export)
     with staged_folder(folder) as staging:
         built = build_and_check(loaded, name, images, settings, paths, staging)
     return {"model": name, "status": "ok", "reason": "", "runtime": target.runtime(),
@@ -181,7 +188,6 @@ def main() -> None:
 
     def body() -> None:
         settings = load_settings(Settings, args.resolved)
-        set_threads(settings.common.threads)
         write_json(Path("metrics") / f"export_executorch_{args.name}.json",
                    run(settings, Paths.for_model(args.name), args.name))
 

@@ -17,14 +17,12 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.artifacts import artifact_path, model_folder
-from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import ExportConfig, RunConfig
-from pipeline.data import load_prepared
 from pipeline.export.cards import (
     TOOL_PACKAGES,
     describe_source,
@@ -33,7 +31,6 @@ from pipeline.export.cards import (
     provenance,
     write_card,
 )
-from pipeline.export.images import Images, prepare_images
 from pipeline.io import file_sha256, set_threads, staged_folder, write_json
 from pipeline.parity import (
     batched_logits,
@@ -50,6 +47,10 @@ from targets.base import Target
 from targets.onnxruntime_cpu import OnnxRuntimeCpuSettings
 from targets.openvino_cpu import OpenVinoSettings
 from targets.registry import make_target
+
+if TYPE_CHECKING:  # both import torch, which a skipped stage never needs
+    from pipeline.checkpoint import LoadedModel
+    from pipeline.export.images import Images
 
 log = logging.getLogger("stages.export_openvino")
 PRECISIONS = ("fp32", "int8")  # the IR files; bf16 is compiled from the fp32 IR when loaded
@@ -80,7 +81,7 @@ def logits_at(runner: Any, images: np.ndarray, batches: tuple[int, ...]) -> dict
 
 
 def check_ir(ir: Path, onnx_path: Path, precision: str, targets: dict[str, Target],
-             reference: dict[int, np.ndarray], images: Images, cfg: ExportConfig) -> dict:
+             reference: dict[int, np.ndarray], images: "Images", cfg: ExportConfig) -> dict:
     """Gates and test-set top-1 of one IR; raises ParityError on a failed gate."""
     batches = (1, cfg.parity_batch)
     with targets["openvino"].load(ir, precision) as runner:
@@ -107,7 +108,7 @@ def card_for(source: dict, precision: str, onnx_card: dict, record: dict) -> dic
     return make_card(source, precision, onnx_card["opset"], details, record)
 
 
-def build_and_check(loaded: LoadedModel, name: str, images: Images, settings: Settings,
+def build_and_check(loaded: "LoadedModel", name: str, images: "Images", settings: Settings,
                     paths: Paths, staging: Path) -> dict[str, dict]:
     """Every IR built into `staging` and gated, with its card; returns the file entries."""
     cfg = settings.export
@@ -145,8 +146,12 @@ def run(settings: Settings, paths: Paths, name: str) -> dict[str, Any]:
         with staged_folder(folder):
             pass  # the folder (this stage's output) is left empty
         return {"model": name, "status": "skipped", "reason": reason, "files": {}}
-    loaded = load_model(paths.model)
-    images = prepare_images(load_prepared(paths.dataset), loaded.meta, settings.export)
+    # torch (the model, the images) is imported only now that the target is here: a
+    # machine without it skips this stage in well under a second (pipeline.io)
+    from pipeline.export.images import model_and_images
+
+    set_threads(settings.common.threads)
+    loaded, images = model_and_images(paths.model, paths.dataset, settings.export)
     with staged_folder(folder) as staging:
         files = build_and_check(loaded, name, images, settings, paths, staging)
     for precision, entry in files.items():
@@ -166,7 +171,6 @@ def main() -> None:
 
     def body() -> None:
         settings = load_settings(Settings, args.resolved)
-        set_threads(settings.common.threads)
         write_json(Path("metrics") / f"export_openvino_{args.name}.json",
                    run(settings, Paths.for_model(args.name), args.name))
 

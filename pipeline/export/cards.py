@@ -21,12 +21,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from pipeline.artifacts import card_path, sidecar_files
-from pipeline.checkpoint import LoadedModel
 from pipeline.errors import ArtifactIntegrityError, CheckpointError
 from pipeline.export.onnx_export import (
     BATCH_DIM,
@@ -36,6 +35,9 @@ from pipeline.export.onnx_export import (
     external_data_locations,
 )
 from pipeline.io import file_sha256, write_json
+
+if TYPE_CHECKING:  # pipeline.checkpoint imports torch, which a skipped stage does not need
+    from pipeline.checkpoint import LoadedModel
 
 CARD_FORMAT = "prune-deploy/card/1"
 CARD_KEY = "prune_deploy.card"  # metadata_props key of the embedded card
@@ -58,7 +60,7 @@ def provenance(tools: tuple[str, ...] = TOOL_PACKAGES) -> dict[str, Any]:
     return {"git_revision": git_revision(), "tools": package_versions(tools)}
 
 
-def describe_source(loaded: LoadedModel, model_path: str | os.PathLike,
+def describe_source(loaded: "LoadedModel", model_path: str | os.PathLike,
                     model_name: str) -> dict[str, Any]:
     """The card fields every file exported from one model file shares."""
     meta, spec = loaded.meta, loaded.spec

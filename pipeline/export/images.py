@@ -2,14 +2,16 @@
 trained: the test split (top-1), its first export.parity_images images (parity gates), and
 class-balanced training images (INT8 calibration, the same for every INT8 file of a model)."""
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.checkpoint import LoadedModel, load_model
 from pipeline.config import ExportConfig
-from pipeline.data import Dataset, balanced_subset, normalize
+from pipeline.data import Dataset, balanced_subset, load_prepared, normalize
 from pipeline.errors import DataError
 
 
@@ -40,3 +42,11 @@ def prepare_images(dataset: Dataset, meta: dict[str, Any], cfg: ExportConfig) ->
     test = normalize(dataset.test.images, mean, std).numpy()
     calibration = normalize(balanced_subset(dataset.train, needed).images, mean, std).numpy()
     return Images(test, dataset.test.labels.numpy(), test[:cfg.parity_images], calibration)
+
+
+def model_and_images(model_path: str | os.PathLike, dataset_path: str | os.PathLike,
+                     cfg: ExportConfig) -> tuple[LoadedModel, Images]:
+    """The model file every exported form of it is made from, and the images they are checked
+    and calibrated on."""
+    loaded = load_model(model_path)
+    return loaded, prepare_images(load_prepared(dataset_path), loaded.meta, cfg)

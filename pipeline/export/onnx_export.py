@@ -14,12 +14,13 @@ import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
 
 from pipeline.errors import ArtifactIntegrityError, ExportError
 from pipeline.io import atomic_write_bytes
@@ -30,8 +31,13 @@ BATCH_DIM = "batch"  # the symbolic name of the dynamic batch axis
 EXAMPLE_BATCH = 2  # torch.export specialises a batch of 1 into a constant, so trace with 2
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    """Export `model` in inference mode for inputs (batch, *input_shape); checked, in memory."""
+def export_onnx(model: "torch.nn.Module", input_shape: tuple[int, ...],
+                opset: int) -> onnx.ModelProto:
+    """Export `model` in inference mode for inputs (batch, *input_shape); checked, in memory.
+    torch is imported here, not at load: the model cards (pipeline.export.cards) import this
+    module, and a skipped stage must not pay for torch (pipeline.io says why)."""
+    import torch
+
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     example = torch.zeros(EXAMPLE_BATCH, *input_shape, device=device)
