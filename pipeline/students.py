@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import distributed
 from pipeline.checkpoint import load_model, read_checkpoint
 from pipeline.config import DistillConfig, TrainConfig, ViewSchedule
 from pipeline.distill import DistillationLoss, FrozenTeacher
@@ -66,11 +67,13 @@ def load_teacher(path, device: torch.device, cfg: TrainConfig, distill: DistillC
 
 def teacher_cache_metrics(teacher: FrozenTeacher) -> dict[str, object]:
     """For a stage's metrics: whether the teacher served logits from a table, and how many
-    images it answered from the table and how many it ran."""
+    images it answered from the table and how many it ran, summed over the processes of a
+    data-parallel run (each one counts only its own shard). Every process must call it."""
     if not isinstance(teacher, CachedTeacher):
         return {"teacher_cache": "off"}
-    return {"teacher_cache": "table", "teacher_images_cached": teacher.cached,
-            "teacher_images_run": teacher.computed}
+    cached, computed = distributed.all_reduce_sum([teacher.cached, teacher.computed])
+    return {"teacher_cache": "table", "teacher_images_cached": int(cached),
+            "teacher_images_run": int(computed)}
 
 
 def distillation_loss_fn(teacher: FrozenTeacher, cfg: DistillConfig, label_smoothing: float,

@@ -16,6 +16,7 @@ BatchNorm, a wrong shard, a loss scaled by the number of processes or an unreduc
 gradient each change the weights by 1e-2 or more (the negative control below: > 1e-3).
 """
 
+import json
 import os
 import socket
 from functools import partial
@@ -602,3 +603,46 @@ def test_activation_statistics_are_summed_over_the_processes(tmp_path):
     for key, value in whole.items():
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0)
+
+
+def _teacher_counts_of_shards(env, out: Path) -> None:
+    """Each process serves its own shard through one logit table, as a student stage does:
+    rank 0 two batches the table holds, rank 1 one it holds and one it lacks."""
+    import numpy as np
+
+    from pipeline.students import teacher_cache_metrics
+    from pipeline.teacher_cache import (
+        CachedTeacher,
+        pixels,
+        table_context,
+        table_dtype,
+        teacher_mode,
+        view_keys,
+    )
+
+    torch.manual_seed(0)
+    live = FrozenTeacher(build_model({"arch": "resnet20", "num_classes": 4}))
+    images = torch.rand(8, 3, 32, 32)
+    context = table_context("0" * 64, teacher_mode("torch", torch.device("cpu"), "off", False))
+    table = np.zeros(6, table_dtype(4))
+    table["key"] = view_keys(pixels(images[:6]), context)
+    teacher = CachedTeacher(live.teacher, "torch", table, context, make_live=lambda: live)
+    for batch in images[4 * env.rank: 4 * env.rank + 4].split(2):
+        teacher(batch)
+    own = {"own": [teacher.cached, teacher.computed]}  # plain writes: write_json is rank 0's
+    (out / f"teacher_{env.rank}.json").write_text(json.dumps(own))
+    counts = teacher_cache_metrics(teacher)  # every process calls it: it sums over them
+    (out / f"metrics_{env.rank}.json").write_text(json.dumps(counts))
+
+
+@pytest.mark.slow
+def test_teacher_cache_counts_are_summed_over_the_processes(tmp_path):
+    """A data-parallel student stage's metrics count the teacher's images of every shard, not
+    rank 0's half."""
+    run_processes(_teacher_counts_of_shards, tmp_path)
+    assert [json.loads((tmp_path / f"teacher_{r}.json").read_text())["own"] for r in (0, 1)] \
+        == [[4, 0], [2, 2]]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"metrics_{rank}.json").read_text()) == {
+            "teacher_cache": "table", "teacher_images_cached": 6, "teacher_images_run": 2}
+
