@@ -2,8 +2,9 @@
 
 On a machine without TensorRT, OpenVINO, ExecuTorch or an SSH device, most of a quick run's
 engine and export stages only find their target missing and write `skipped` results; what they
-cost is start-up. This runs each such stage's command as dvc.yaml does (`python -m stages.<s>`,
-in a workspace where `dvc repro` has run, so resolved/, models/ and artifacts/ are there) with
+cost is start-up. This runs each such stage's command as the workspace's dvc.lock records it
+(`python -m stages.<s> ...`, in a workspace where `dvc repro` has run, so resolved/, models/
+and artifacts/ are there) with
 the code of each tree first on the path, repeats alternating between the trees so that machine
 noise hits all alike, and records every sample, the medians, whether the stage imported torch,
 the machine and the versions. Each stage's metrics file must come out byte-identical from every
@@ -18,11 +19,14 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the project's packages
@@ -31,9 +35,8 @@ from pipeline import cpu  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
 from pipeline.provenance import cpu_model, git_revision, package_versions  # noqa: E402
 
-MODELS = ("teacher", "student_dense", "student_final_pdd", "student_final_netslim")
-ENGINE_TARGETS = ("tensorrt", "ssh-tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+# The stages a machine without TensorRT, OpenVINO, ExecuTorch or an SSH device skips (dvc.yaml).
+SKIPPING_STAGES = ("engine@", "export_openvino", "export_executorch")
 # Runs one stage module with `tree` first on the path, then says whether torch was imported.
 LAUNCHER = ("import runpy, sys; tree = sys.argv.pop(1); sys.path.insert(0, tree); "
             "sys.argv[0] = 'stage'\n"
@@ -42,21 +45,21 @@ LAUNCHER = ("import runpy, sys; tree = sys.argv.pop(1); sys.path.insert(0, tree)
             "    print('STAGES_FROM', sys.modules['stages'].__path__[0], file=sys.stderr)")
 
 
-def stage_commands(models: tuple[str, ...]) -> dict[str, tuple[list[str], str]]:
-    """DVC stage name -> (module and arguments, the metrics file it writes)."""
+def stage_commands(workspace: Path) -> dict[str, tuple[list[str], str]]:
+    """DVC stage name -> (module and arguments, the metrics file it writes), for every skipping
+    stage as the workspace's dvc.lock records it (the commands DVC ran there)."""
+    stages = YAML(typ="safe").load((workspace / "dvc.lock").read_text())["stages"]
     commands = {}
-    for target in ENGINE_TARGETS:
-        for precision in PRECISIONS:
-            commands[f"engine@{target}-{precision}"] = (
-                ["stages.engine", "--target", target, "--precision", precision],
-                f"metrics/engine_{target}-{precision}.json")
-    for kind in ("openvino", "executorch"):
-        for model in models:
-            stage = f"export_{kind}" + ("_student_final" if model.startswith("student_final_")
-                                        else "")
-            item = model.removeprefix("student_final_")
-            commands[f"{stage}@{item}"] = ([f"stages.export_{kind}", "--name", model],
-                                           f"metrics/export_{kind}_{model}.json")
+    for name, stage in stages.items():
+        if not name.startswith(SKIPPING_STAGES):
+            continue
+        python, flag, *command = shlex.split(stage["cmd"])
+        if (python, flag) != ("python", "-m"):
+            raise SystemExit(f"{name}: cmd {stage['cmd']!r} is not `python -m stages.<s> ...`")
+        metrics = [out["path"] for out in stage["outs"] if out["path"].startswith("metrics/")]
+        commands[name] = (command, metrics[0])
+    if not commands:
+        raise SystemExit(f"{workspace / 'dvc.lock'} records none of the stages {SKIPPING_STAGES}")
     return commands
 
 
@@ -74,8 +77,8 @@ def run_once(tree: Path, command: list[str], workspace: Path, metrics: str
     return seconds, "TORCH_IMPORTED True" in done.stderr, digest
 
 
-def measure(trees: list[Path], workspace: Path, repeats: int, models: tuple[str, ...]) -> dict:
-    commands = stage_commands(models)
+def measure(trees: list[Path], workspace: Path, repeats: int) -> dict:
+    commands = stage_commands(workspace)
     samples = {str(tree): {stage: [] for stage in commands} for tree in trees}
     torch_imported: dict[str, dict[str, bool]] = {str(tree): {} for tree in trees}
     digests: dict[str, set[str]] = {stage: set() for stage in commands}
@@ -106,13 +109,12 @@ def main() -> None:
     parser.add_argument("--trees", type=Path, nargs="+", required=True,
                         help="code trees (checkouts) whose stages/, pipeline/, targets/ run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     trees = [tree.resolve() for tree in args.trees]
     load_before = os.getloadavg()
-    results = measure(trees, args.workspace.resolve(), args.repeats, tuple(args.models))
+    results = measure(trees, args.workspace.resolve(), args.repeats)
     first, last = (results[str(tree)]["sum_of_medians_s"] for tree in (trees[0], trees[-1]))
     write_json(args.out, {
         "provenance": {"cpu_model": cpu_model(), "cpu_isa": cpu.describe(),
