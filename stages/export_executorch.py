@@ -165,7 +165,7 @@ def run(settings: Settings, paths: Paths, name: str) -> dict[str, Any]:
             pass  # the folder (this stage's output) is left empty
         return {"model": name, "status": "skipped", "reason": reason, "files": {}}
     # torch (the model, the images) is imported only now that the target is here: a
-    # machine without it skips this stage in well under a second (pipeline.io)
+    # machine without it skips this stage without importing torch (pipeline.io)
     from pipeline.export.images import model_and_images
 
     set_threads(settings.common.threads)
