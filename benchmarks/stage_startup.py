@@ -12,6 +12,13 @@ tree (the result is the same; only the time may differ), or the run stops.
 
     python benchmarks/stage_startup.py --workspace RUN --trees OLD NEW \
         --out benchmarks/results/stage_startup_cpu_avx2.json
+
+With --pythons (one interpreter per tree, e.g. two environments that differ in one package,
+the same tree given twice) each variant runs with its own interpreter, and every repeat also
+times `import onnx` alone in each.
+
+    python benchmarks/stage_startup.py --workspace RUN --trees . . \
+        --pythons ENV_A/bin/python ENV_B/bin/python --out ...
 """
 
 import argparse
@@ -24,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -63,11 +71,12 @@ def stage_commands(workspace: Path) -> dict[str, tuple[list[str], str]]:
     return commands
 
 
-def run_once(tree: Path, command: list[str], workspace: Path, metrics: str
+def run_once(variant: "Variant", command: list[str], workspace: Path, metrics: str
              ) -> tuple[float, bool, str]:
     """(seconds, torch imported, sha256 of the metrics file) of one launch."""
+    tree = variant.tree
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, str(tree), *command], cwd=workspace,
+    done = subprocess.run([variant.interpreter, "-c", LAUNCHER, str(tree), *command], cwd=workspace,
                           capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0 or f"STAGES_FROM {tree / 'stages'}" not in done.stderr:
@@ -77,29 +86,76 @@ def run_once(tree: Path, command: list[str], workspace: Path, metrics: str
     return seconds, "TORCH_IMPORTED True" in done.stderr, digest
 
 
-def measure(trees: list[Path], workspace: Path, repeats: int) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """One code tree run by one interpreter (its environment)."""
+
+    tree: Path
+    python: str | None  # None: this interpreter (trees compared in one environment)
+
+    @property
+    def interpreter(self) -> str:
+        return self.python or sys.executable
+
+    @property
+    def label(self) -> str:
+        return str(self.tree) if self.python is None else f"{self.tree} | {self.python}"
+
+
+def import_onnx_seconds(python: str) -> float:
+    """Wall time of a process that only imports onnx (and with it ml_dtypes)."""
+    start = time.perf_counter()
+    subprocess.run([python, "-c", "import onnx"], check=True)
+    return time.perf_counter() - start
+
+
+def environment(python: str) -> dict:
+    """The versions that decide start-up, as `python` imports them."""
+    code = ("import json, importlib.metadata as m\n"
+            "names = ('torch', 'onnx', 'ml_dtypes', 'onnxruntime', 'numpy', 'pydantic')\n"
+            "found = {}\n"
+            "for name in names:\n"
+            "    try:\n        found[name] = m.version(name)\n"
+            "    except m.PackageNotFoundError:\n        found[name] = None\n"
+            "print(json.dumps(found))")
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def measure(variants: list[Variant], workspace: Path, repeats: int, time_imports: bool) -> dict:
     commands = stage_commands(workspace)
-    samples = {str(tree): {stage: [] for stage in commands} for tree in trees}
-    torch_imported: dict[str, dict[str, bool]] = {str(tree): {} for tree in trees}
+    samples = {v.label: {stage: [] for stage in commands} for v in variants}
+    imports: dict[str, list[float]] = {v.label: [] for v in variants}
+    torch_imported: dict[str, dict[str, bool]] = {v.label: {} for v in variants}
     digests: dict[str, set[str]] = {stage: set() for stage in commands}
     for repeat in range(repeats + 1):  # round 0 warms the file cache and the .pyc files
         for stage, (command, metrics) in commands.items():
-            for tree in trees:
-                seconds, imported, digest = run_once(tree, command, workspace, metrics)
+            for variant in variants:
+                seconds, imported, digest = run_once(variant, command, workspace, metrics)
                 digests[stage].add(digest)
-                torch_imported[str(tree)][stage] = imported
+                torch_imported[variant.label][stage] = imported
                 if repeat:
-                    samples[str(tree)][stage].append(round(seconds, 4))
+                    samples[variant.label][stage].append(round(seconds, 4))
+        for variant in variants if time_imports else ():
+            seconds = import_onnx_seconds(variant.interpreter)
+            if repeat:
+                imports[variant.label].append(round(seconds, 4))
     differing = [stage for stage, found in digests.items() if len(found) != 1]
     if differing:
-        raise SystemExit(f"the trees wrote different metrics for {differing}")
-    return {str(tree): {
-        "stages": {stage: {"samples_s": runs, "median_s": statistics.median(runs),
-                           "torch_imported": torch_imported[str(tree)][stage]}
-                   for stage, runs in samples[str(tree)].items()},
-        "sum_of_medians_s": round(sum(statistics.median(runs)
-                                      for runs in samples[str(tree)].values()), 3)}
-        for tree in trees}
+        raise SystemExit(f"the variants wrote different metrics for {differing}")
+    results = {}
+    for v in variants:
+        results[v.label] = {
+            "stages": {stage: {"samples_s": runs, "median_s": statistics.median(runs),
+                               "torch_imported": torch_imported[v.label][stage]}
+                       for stage, runs in samples[v.label].items()},
+            "sum_of_medians_s": round(sum(statistics.median(runs)
+                                          for runs in samples[v.label].values()), 3)}
+        if time_imports:
+            results[v.label]["import_onnx_s"] = {
+                "samples_s": imports[v.label], "median_s": statistics.median(imports[v.label])}
+            results[v.label]["environment"] = environment(v.interpreter)
+    return results
 
 
 def main() -> None:
@@ -108,14 +164,23 @@ def main() -> None:
                         help="a checkout where `dvc repro` has run (resolved/, models/, ...)")
     parser.add_argument("--trees", type=Path, nargs="+", required=True,
                         help="code trees (checkouts) whose stages/, pipeline/, targets/ run")
+    parser.add_argument("--pythons", nargs="+",
+                        help="one interpreter per tree (default: this one for all); each "
+                             "variant's environment is recorded and `import onnx` timed in it")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--note", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     trees = [tree.resolve() for tree in args.trees]
+    pythons = args.pythons or [None] * len(trees)
+    if len(pythons) != len(trees):
+        parser.error(f"--pythons names {len(pythons)} interpreters for {len(trees)} trees")
+    variants = [Variant(tree, python) for tree, python in zip(trees, pythons, strict=True)]
+    if len({v.label for v in variants}) != len(variants):
+        parser.error("two variants have the same tree and interpreter")
     load_before = os.getloadavg()
-    results = measure(trees, args.workspace.resolve(), args.repeats)
-    first, last = (results[str(tree)]["sum_of_medians_s"] for tree in (trees[0], trees[-1]))
+    results = measure(variants, args.workspace.resolve(), args.repeats, bool(args.pythons))
+    first, last = (results[v.label]["sum_of_medians_s"] for v in (variants[0], variants[-1]))
     write_json(args.out, {
         "provenance": {"cpu_model": cpu_model(), "cpu_isa": cpu.describe(),
                        "cores": os.cpu_count(), "python": platform.python_version(),
