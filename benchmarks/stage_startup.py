@@ -45,6 +45,8 @@ from pipeline.provenance import cpu_model, git_revision, package_versions  # noq
 
 # The stages a machine without TensorRT, OpenVINO, ExecuTorch or an SSH device skips (dvc.yaml).
 SKIPPING_STAGES = ("engine@", "export_openvino", "export_executorch")
+# What each interpreter's environment is recorded by (--pythons).
+ENVIRONMENT_PACKAGES = ("torch", "onnx", "ml_dtypes", "onnxruntime", "numpy", "pydantic")
 # Runs one stage module with `tree` first on the path, then says whether torch was imported.
 LAUNCHER = ("import runpy, sys; tree = sys.argv.pop(1); sys.path.insert(0, tree); "
             "sys.argv[0] = 'stage'\n"
@@ -71,21 +73,6 @@ def stage_commands(workspace: Path) -> dict[str, tuple[list[str], str]]:
     return commands
 
 
-def run_once(variant: "Variant", command: list[str], workspace: Path, metrics: str
-             ) -> tuple[float, bool, str]:
-    """(seconds, torch imported, sha256 of the metrics file) of one launch."""
-    tree = variant.tree
-    start = time.perf_counter()
-    done = subprocess.run([variant.interpreter, "-c", LAUNCHER, str(tree), *command], cwd=workspace,
-                          capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0 or f"STAGES_FROM {tree / 'stages'}" not in done.stderr:
-        raise SystemExit(f"{' '.join(command)} with {tree} exited {done.returncode}:\n"
-                         f"{done.stderr[-2000:]}")
-    digest = hashlib.sha256((workspace / metrics).read_bytes()).hexdigest()
-    return seconds, "TORCH_IMPORTED True" in done.stderr, digest
-
-
 @dataclass(frozen=True)
 class Variant:
     """One code tree run by one interpreter (its environment)."""
@@ -102,6 +89,21 @@ class Variant:
         return str(self.tree) if self.python is None else f"{self.tree} | {self.python}"
 
 
+def run_once(variant: Variant, command: list[str], workspace: Path, metrics: str
+             ) -> tuple[float, bool, str]:
+    """(seconds, torch imported, sha256 of the metrics file) of one launch."""
+    tree = variant.tree
+    start = time.perf_counter()
+    done = subprocess.run([variant.interpreter, "-c", LAUNCHER, str(tree), *command],
+                          cwd=workspace, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0 or f"STAGES_FROM {tree / 'stages'}" not in done.stderr:
+        raise SystemExit(f"{' '.join(command)} with {tree} exited {done.returncode}:\n"
+                         f"{done.stderr[-2000:]}")
+    digest = hashlib.sha256((workspace / metrics).read_bytes()).hexdigest()
+    return seconds, "TORCH_IMPORTED True" in done.stderr, digest
+
+
 def import_onnx_seconds(python: str) -> float:
     """Wall time of a process that only imports onnx (and with it ml_dtypes)."""
     start = time.perf_counter()
@@ -110,14 +112,11 @@ def import_onnx_seconds(python: str) -> float:
 
 
 def environment(python: str) -> dict:
-    """The versions that decide start-up, as `python` imports them."""
-    code = ("import json, importlib.metadata as m\n"
-            "names = ('torch', 'onnx', 'ml_dtypes', 'onnxruntime', 'numpy', 'pydantic')\n"
-            "found = {}\n"
-            "for name in names:\n"
-            "    try:\n        found[name] = m.version(name)\n"
-            "    except m.PackageNotFoundError:\n        found[name] = None\n"
-            "print(json.dumps(found))")
+    """The versions that decide start-up, as `python` finds them (pipeline.provenance's
+    package_versions, run in that interpreter)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r})\n"
+            "from pipeline.provenance import package_versions\n"
+            f"print(json.dumps(package_versions({ENVIRONMENT_PACKAGES!r})))")
     done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
